@@ -1,0 +1,45 @@
+"""``omniportrait`` command line: one subcommand per capability."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from omniportrait.errors import OmniPortraitError
+
+# subcommand name -> module under omniportrait.cli providing add_parser(subparsers) and run(args) -> int
+SUBCOMMANDS = {"generate": "generate"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from omniportrait import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="omniportrait", description="Identity-customized portraits on Stable Diffusion 1.5 and SDXL."
+    )
+    parser.add_argument("--version", action="version", version=f"omniportrait {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in SUBCOMMANDS.values():
+        importlib.import_module(f"omniportrait.cli.{module_name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except OmniPortraitError as err:
+        print(f"omniportrait {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"omniportrait {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""``omniportrait generate``: one reference photo (or several) + a prompt -> portrait PNG(s) + JSON sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from omniportrait.errors import ClassWordError, ConfigError
+from omniportrait.pipelines.identity import Identity
+from omniportrait.pipelines.loading import PRESETS
+from omniportrait.text import find_person_nouns
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="draw a person from a reference photo in the scene a prompt describes",
+        description="Draw the person of a reference photo in the scene a prompt describes.",
+    )
+    p.add_argument("--prompt", required=True, help='e.g. "a woman riding a bicycle, with sweat on face"')
+    p.add_argument("--reference", action="append", default=[], metavar="PHOTO",
+                   help="reference photo; binds to the prompt's person words in order (repeatable)")
+    p.add_argument("--identity", action="append", default=[], metavar="PHOTO:WORD[:N]",
+                   help="reference photo bound to a class word (its N-th occurrence, 1-based); repeatable")
+    p.add_argument("--class-word", default=None, help="class word for a single --reference (default: detected)")
+    p.add_argument("--face-index", type=int, default=None,
+                   help="which face of the reference to use when it has several (0 = largest)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--out", required=True, help="output PNG path; with --num-images N, files are NAME-0.png ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (paper: 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance w (paper: 7.5)")
+    p.add_argument("--width", type=int, default=None, help="default: the preset's size")
+    p.add_argument("--height", type=int, default=None, help="default: the preset's size")
+    p.add_argument("--preset", default="sd15", help=f"one of {', '.join(PRESETS)} (default: sd15)")
+    p.add_argument("--base", default=None, help="hub id, diffusers folder or .safetensors file (overrides preset)")
+    p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
+    p.add_argument("--pivot-encoder", default=None, help="folder of a trained PivotIDEncoder (save_pretrained)")
+    p.add_argument("--scheduler", default="ddim", help="ddim (paper), dpmpp-2m, euler, euler-a, pndm, unipc")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
+    p.add_argument("--num-images", type=int, default=1)
+    p.set_defaults(run=run)
+
+
+def parse_identity_flag(value: str) -> tuple[str, str, int | None]:
+    """``PHOTO:WORD[:N]`` -> (photo, word, N). Split from the right so paths may contain ':'."""
+    parts = value.rsplit(":", 2)
+    occurrence = None
+    if len(parts) == 3 and parts[2].isdigit():
+        occurrence = int(parts[2])
+        parts = parts[:2]
+    elif len(parts) == 3:
+        parts = [parts[0] + ":" + parts[1], parts[2]]
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise ConfigError(f"--identity {value!r} must look like PHOTO:WORD or PHOTO:WORD:N, e.g. alice.jpg:woman")
+    return parts[0], parts[1], occurrence
+
+
+def identities_from_args(args) -> list[Identity]:
+    """The identities asked for, class words resolved, before any model is loaded."""
+    identities = [Identity(photo, word, occurrence, args.face_index) for photo, word, occurrence in
+                  map(parse_identity_flag, args.identity)]
+    if args.reference:
+        if args.class_word is not None:
+            if len(args.reference) > 1:
+                raise ConfigError("--class-word applies to a single --reference; use --identity PHOTO:WORD for several")
+            words = [(args.class_word, None)]
+        else:
+            nouns = find_person_nouns(args.prompt)
+            if len(nouns) < len(args.reference):
+                raise ClassWordError(
+                    f"the prompt names {len(nouns)} person word(s) for {len(args.reference)} --reference photo(s); "
+                    "write one per person (e.g. 'a woman ...') or use --identity PHOTO:WORD"
+                )
+            counts: dict[str, int] = {}
+            words = []
+            for noun in nouns[: len(args.reference)]:
+                counts[noun.word.lower()] = counts.get(noun.word.lower(), 0) + 1
+                words.append((noun.word, counts[noun.word.lower()] if len(args.reference) > 1 else None))
+        identities += [Identity(photo, word, occ, args.face_index) for photo, (word, occ) in zip(args.reference, words)]
+    return identities
+
+
+def prepare_identities(identities: list[Identity]) -> list[Identity]:
+    """Read each photo and find its face now, so bad input fails before minutes of model loading."""
+    from omniportrait.faces import prepare_reference
+
+    return [Identity(prepare_reference(i.reference, face_index=i.face_index), i.class_word, i.occurrence,
+                     i.face_index) for i in identities]
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out!r} must end in .png")
+    if path.is_dir():
+        raise ConfigError(f"--out {out!r} is a folder; give a file name ending in .png")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{index}{path.suffix}") for index in range(count)]
+
+
+def file_sha256(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def package_versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    from omniportrait import __version__
+
+    return {"omniportrait": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], seed: int, index: int,
+            elapsed: float) -> dict:
+    return {
+        "parameters": {
+            "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
+            "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height,
+            "preset": args.preset, "base": args.base, "arch": args.arch, "pivot_encoder": args.pivot_encoder,
+            "scheduler": type(pipe.scheduler).__name__, "scheduler_flag": args.scheduler, "device": str(pipe.device),
+            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "image_index": index, "num_images": args.num_images,
+        },
+        "identities": [
+            {"reference": str(source.reference), "sha256": file_sha256(str(source.reference)),
+             "class_word": item.class_word, "occurrence": item.occurrence,
+             "face_index": item.reference.face_index, "face_box": [round(v, 2) for v in item.reference.face.box],
+             "face_score": round(float(item.reference.face.score), 4)}
+            for item, source in zip(identities, sources)
+        ],
+        "reproduce": reproduce_command(args, seed),
+        "versions": package_versions(),
+        "elapsed_s": round(elapsed, 3),
+    }
+
+
+def reproduce_command(args, seed: int) -> list[str]:
+    command = ["omniportrait", "generate", "--prompt", args.prompt, "--seed", str(seed), "--steps", str(args.steps),
+               "--guidance-scale", str(args.guidance_scale), "--width", str(args.width), "--height",
+               str(args.height), "--preset", args.preset, "--scheduler", args.scheduler, "--dtype", args.dtype]
+    for flag in ("negative_prompt", "base", "arch", "pivot_encoder", "class_word", "face_index"):
+        if getattr(args, flag) is not None:
+            command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    for photo in args.reference:
+        command += ["--reference", photo]
+    for value in args.identity:
+        command += ["--identity", value]
+    return command + ["--out", args.out]
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as stream:
+        json.dump(data, stream, indent=2)
+    os.replace(temp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from omniportrait.images import save_image_atomic
+    from omniportrait.pipelines.loading import get_preset, load_pipeline
+
+    preset = get_preset(args.preset)
+    if args.num_images < 1 or args.steps < 1:
+        raise ConfigError("--num-images and --steps must be at least 1")
+    paths = output_paths(args.out, args.num_images)
+    sources = identities_from_args(args)
+    identities = prepare_identities(sources)
+    pipe = load_pipeline(args.preset, args.base, args.arch, args.pivot_encoder, args.device, args.dtype,
+                         args.scheduler)
+    args.width = args.width or preset.size
+    args.height = args.height or preset.size
+    seeds = [args.seed + index for index in range(args.num_images)]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    started = time.perf_counter()
+    output = pipe(args.prompt, identities, negative_prompt=args.negative_prompt, height=args.height,
+                  width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                  num_images_per_prompt=args.num_images, generator=generators)
+    elapsed = time.perf_counter() - started
+    for index, (image, path, seed) in enumerate(zip(output.images, paths, seeds)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(image, path)
+        write_json_atomic(sidecar(args, pipe, identities, sources, seed, index, elapsed), path.with_suffix(".json"))
+        print(f"wrote {path} ({image.width}x{image.height}) and {path.with_suffix('.json').name}", file=sys.stderr)
+    return 0

@@ -1,0 +1,192 @@
+"""Shared lifecycle of the SD1.5 and SDXL OmniPortrait pipelines.
+
+``check_inputs -> bind identities -> encode prompt (+ e_mix) -> prepare latents -> denoise -> decode``,
+following diffusers' pipelines. The architecture-specific parts (text encoding, UNet extra conditioning,
+VAE upcasting) are small methods the two subclasses provide; everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from PIL import Image
+
+from omniportrait.errors import ConfigError
+from omniportrait.pipelines.identity import (
+    BoundIdentity,
+    Identity,
+    check_disjoint,
+    inject_identities,
+    locate_class_word,
+)
+
+NO_PIVOT_WARNING = (
+    "no pivot encoder loaded: the prompt runs text-only and identity will be weak; "
+    "pass pivot_encoder= (or --pivot-encoder) with trained weights"
+)
+
+
+@dataclass
+class Conditioning:
+    """UNet conditioning for one generation; tensors are ``cat([uncond, cond])`` when CFG is on."""
+
+    prompt_embeds: torch.Tensor
+    added_cond_kwargs: dict | None = None
+    do_cfg: bool = True
+
+    def conditional(self) -> "Conditioning":
+        """The conditional half only (for passes that need no unconditional branch)."""
+        if not self.do_cfg:
+            return self
+        half = {k: v.chunk(2)[1] for k, v in (self.added_cond_kwargs or {}).items()}
+        return Conditioning(self.prompt_embeds.chunk(2)[1], half or None, do_cfg=False)
+
+
+@dataclass
+class OmniPortraitOutput:
+    images: list[Image.Image] | torch.Tensor
+    identities: list[BoundIdentity] = field(default_factory=list)
+
+
+def _as_prepared_reference(identity: Identity):
+    """The identity's reference as a prepared reference (face found, aligned crop available)."""
+    reference = identity.reference
+    if hasattr(reference, "aligned"):
+        return reference
+    from omniportrait.faces import prepare_reference
+
+    return prepare_reference(reference, face_index=identity.face_index)
+
+
+class OmniPortraitMixin:
+    """Sampling loop and identity handling shared by :class:`OmniPortraitSDPipeline` and the SDXL one.
+
+    Each architecture's class provides ``encode_text(prompt, negative_prompt, num_images, do_cfg, height,
+    width, bound) -> Conditioning`` (text encoding, ``e_mix`` injection, extra UNet conditioning).
+    """
+
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "pivot_encoder"]
+    upcast_vae_in_fp16 = False
+
+    @classmethod
+    def from_diffusers(cls, pipe, pivot_encoder=None):
+        """Wrap a loaded diffusers SD/SDXL pipeline, sharing its components."""
+        return cls(**pipe.components, pivot_encoder=pivot_encoder)
+
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def check_call_inputs(self, prompt: str, height: int, width: int, steps: int, num_images: int) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError("prompt must be a non-empty string")
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ConfigError(f"height and width must be positive multiples of {multiple}, got {width}x{height}")
+        if steps < 1:
+            raise ConfigError(f"num_inference_steps must be at least 1, got {steps}")
+        if num_images < 1:
+            raise ConfigError(f"num_images_per_prompt must be at least 1, got {num_images}")
+
+    def bind_identities(self, prompt: str, identities: list[Identity]) -> list[BoundIdentity]:
+        """Locate each identity's class word, prepare its reference and encode ``e_ref``."""
+        bound = [
+            BoundIdentity(identity, locate_class_word(self.tokenizer, prompt, identity.class_word, identity.occurrence))
+            for identity in identities
+        ]
+        check_disjoint(bound)
+        if bound and self.pivot_encoder is None:
+            warnings.warn(NO_PIVOT_WARNING, stacklevel=3)
+        for item in bound:
+            item.reference = _as_prepared_reference(item.identity)
+            if self.pivot_encoder is not None:
+                crop = item.reference.aligned(self.pivot_encoder.image_size).image
+                with torch.no_grad():
+                    item.e_ref = self.pivot_encoder.encode_image(self.pivot_encoder.preprocess([crop]))
+        return bound
+
+    def mix_identities(self, prompt_embeds: torch.Tensor, bound: list[BoundIdentity]) -> torch.Tensor:
+        usable = [item for item in bound if item.e_ref is not None]
+        if not usable:
+            return prompt_embeds
+        with torch.no_grad():
+            return inject_identities(prompt_embeds, usable, self.pivot_encoder)
+
+    def cfg_noise(self, latents: torch.Tensor, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guided noise, eq. 3: ``ε(∅) + w·(ε(y) − ε(∅))``."""
+        model_input = torch.cat([latents] * 2) if cond.do_cfg else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        noise = self.unet(
+            model_input, t, encoder_hidden_states=cond.prompt_embeds,
+            added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
+        )[0]
+        if not cond.do_cfg:
+            return noise
+        uncond, text = noise.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    def predict_noise(self, latents, t, step_index: int, cond: Conditioning, guidance_scale: float):
+        """The noise the scheduler steps with. Reference-Based Guidance extends this step."""
+        with torch.no_grad():
+            return self.cfg_noise(latents, t, cond, guidance_scale)
+
+    def denoise(self, latents, timesteps, cond: Conditioning, guidance_scale: float, generator) -> torch.Tensor:
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for step_index, t in enumerate(timesteps):
+                noise = self.predict_noise(latents, t, step_index, cond, guidance_scale)
+                latents = self.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                progress.update()
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str, generator=None):
+        if output_type == "latent":
+            return latents
+        vae = self.vae
+        upcast = self.upcast_vae_in_fp16 and vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(torch.float32)
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False, generator=generator)[0]
+        if upcast:
+            vae.to(torch.float16)
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        identities: list[Identity] | None = None,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+    ) -> OmniPortraitOutput:
+        """Draw ``prompt`` with each identity bound to its class word.
+
+        Defaults are the paper's: DDIM (the pipeline's scheduler), 50 steps, CFG ``w = 7.5``.
+        """
+        height = height or self.default_size()
+        width = width or self.default_size()
+        self.check_call_inputs(prompt, height, width, num_inference_steps, num_images_per_prompt)
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0
+        bound = self.bind_identities(prompt, list(identities or []))
+        cond = self.encode_text(prompt, negative_prompt, num_images_per_prompt, do_cfg, height, width, bound)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        latents = self.prepare_latents(
+            num_images_per_prompt, self.unet.config.in_channels, height, width,
+            cond.prompt_embeds.dtype, device, generator, latents,
+        )
+        latents = self.denoise(latents, timesteps, cond, guidance_scale, generator)
+        images = self.decode(latents, output_type, generator)
+        self.maybe_free_model_hooks()
+        return OmniPortraitOutput(images=images, identities=bound)

@@ -1,0 +1,197 @@
+"""Presets and loading: tiny offline models, hub ids, local folders and single-file checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omniportrait.errors import ConfigError
+from omniportrait.pipelines.base import NO_PIVOT_WARNING
+from omniportrait.pipelines.sd15 import OmniPortraitSDPipeline
+from omniportrait.pipelines.sdxl import OmniPortraitSDXLPipeline
+
+ARCHS = ("sd15", "sdxl")
+PIPELINE_CLASSES = {"sd15": OmniPortraitSDPipeline, "sdxl": OmniPortraitSDXLPipeline}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named starting point: architecture, base weights (``None`` = tiny, built offline) and image size."""
+
+    name: str
+    arch: str
+    base: str | None
+    size: int
+    about: str
+
+
+PRESETS = {
+    preset.name: preset
+    for preset in (
+        Preset("tiny-sd15", "sd15", None, 64, "tiny SD1.5-shaped model with random weights; offline, seconds on CPU"),
+        Preset("tiny-sdxl", "sdxl", None, 64, "tiny SDXL-shaped model with random weights; offline, seconds on CPU"),
+        Preset("sd15", "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512, "Stable Diffusion 1.5 (hub)"),
+        Preset("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, "SDXL base 1.0 (hub)"),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto``/``None`` picks CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    return resolved
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``auto``/``None``: fp16 on CUDA, fp32 elsewhere."""
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16")
+    return DTYPES[dtype]
+
+
+def sniff_single_file_arch(path: Path) -> str:
+    """SDXL checkpoints carry a second text encoder under ``conditioner.embedders.1``."""
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"cannot tell the architecture of {path.name}; pass --arch sd15 or --arch sdxl")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = handle.keys()
+    return "sdxl" if any(key.startswith("conditioner.embedders.1") for key in keys) else "sd15"
+
+
+def folder_arch(path: Path) -> str:
+    index = json.loads((path / "model_index.json").read_text())
+    return "sdxl" if "XL" in index.get("_class_name", "") or "text_encoder_2" in index else "sd15"
+
+
+def _no_safety_checker(arch: str) -> dict:
+    """SD1.5 repos ship a safety checker; like other portrait tools we do not load it (README says so)."""
+    return {"safety_checker": None, "requires_safety_checker": False} if arch == "sd15" else {}
+
+
+def load_base(base: str, arch: str | None, dtype: torch.dtype):
+    """A diffusers pipeline (SD or SDXL) from a hub id, a local diffusers folder or a single file."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    diffusers_classes = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+    path = Path(base).expanduser()
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise ConfigError(f"checkpoint file {base} does not exist")
+        arch = arch or sniff_single_file_arch(path)
+        return arch, diffusers_classes[arch].from_single_file(str(path), torch_dtype=dtype)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"{base} is not a diffusers folder (no model_index.json) nor a .safetensors file")
+        arch = arch or folder_arch(path)
+        return arch, diffusers_classes[arch].from_pretrained(str(path), torch_dtype=dtype, **_no_safety_checker(arch))
+    if os.path.sep in base and not base.count("/") == 1:
+        raise ConfigError(f"checkpoint path {base} does not exist")
+    return _load_from_hub(base, arch, dtype, diffusers_classes)
+
+
+def _load_from_hub(repo_id: str, arch: str | None, dtype, diffusers_classes):
+    from diffusers import DiffusionPipeline
+
+    kwargs = dict(torch_dtype=dtype)
+    try:
+        if arch is None:
+            config = DiffusionPipeline.load_config(repo_id)
+            arch = "sdxl" if "XL" in config.get("_class_name", "") else "sd15"
+        return arch, diffusers_classes[arch].from_pretrained(repo_id, **kwargs, **_no_safety_checker(arch))
+    except OSError as err:
+        raise ConfigError(
+            f"could not load {repo_id!r} from the Hugging Face Hub or its cache ({str(err).splitlines()[0]}); "
+            "check the id, your network and HF_HUB_OFFLINE, or pass a local folder / .safetensors file"
+        ) from err
+
+
+def load_pivot_encoder(path: str, text_width: int):
+    from omniportrait.models.pivot_encoder import PivotIDEncoder
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"pivot encoder {path} not found: expected a folder written by save_pretrained")
+    encoder = PivotIDEncoder.from_pretrained(str(folder))
+    if encoder.config.text_width != text_width:
+        raise ConfigError(
+            f"pivot encoder {path} fuses {encoder.config.text_width}-wide text states but this model's are "
+            f"{text_width} wide; use an encoder trained for this architecture"
+        )
+    return encoder
+
+
+def text_width(pipe) -> int:
+    return pipe.unet.config.cross_attention_dim
+
+
+def load_pipeline(
+    preset: str | None = "tiny-sd15",
+    base: str | None = None,
+    arch: str | None = None,
+    pivot_encoder: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    scheduler: str = "ddim",
+):
+    """The OmniPortrait pipeline for a preset or any base model, on the given device and dtype.
+
+    Args:
+        preset: one of :data:`PRESETS`; gives the architecture and default base weights.
+        base: hub id, local diffusers folder or ``.safetensors`` file; overrides the preset's weights.
+        arch: ``sd15`` or ``sdxl`` when it cannot be read from ``base``.
+        pivot_encoder: folder written by ``PivotIDEncoder.save_pretrained``. Tiny presets bring their own.
+        scheduler: one of :data:`omniportrait.pipelines.schedulers.SCHEDULERS` (DDIM by default, as the paper).
+    """
+    from omniportrait.pipelines.schedulers import make_scheduler
+
+    chosen = get_preset(preset) if preset else None
+    if arch is not None and arch not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; use sd15 or sdxl")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    pie = None
+    if base is None and chosen is not None and chosen.base is None:
+        from omniportrait.models.tiny import tiny_components
+
+        tiny = tiny_components(chosen.arch)
+        cls = PIPELINE_CLASSES[chosen.arch]
+        pipe = cls(**tiny.components)
+        pie = tiny.pivot_encoder
+    else:
+        source = base or chosen.base
+        arch, diffusers_pipe = load_base(source, arch or (chosen.arch if chosen and not base else None), torch_dtype)
+        pipe = PIPELINE_CLASSES[arch].from_diffusers(diffusers_pipe)
+    if pivot_encoder is not None:
+        pie = load_pivot_encoder(pivot_encoder, text_width(pipe))
+    if pie is None:
+        warnings.warn(NO_PIVOT_WARNING, stacklevel=2)
+    pipe.register_modules(pivot_encoder=pie)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    return pipe.to(torch_device, torch_dtype)

@@ -1,0 +1,36 @@
+"""Suite-wide settings: never touch the network; shared tiny pipelines and a real reference photo."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def astronaut_image() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def astronaut_path(tmp_path_factory, astronaut_image) -> str:
+    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
+    astronaut_image.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def astronaut_reference(astronaut_image):
+    from omniportrait.faces import prepare_reference
+
+    return prepare_reference(astronaut_image)
+
+
+def max_abs_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
