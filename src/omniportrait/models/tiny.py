@@ -3,8 +3,9 @@
 They back the ``tiny-sd15`` / ``tiny-sdxl`` presets and the test suite: the same classes as the real
 checkpoints (UNet, VAE, CLIP text and vision towers, CLIP BPE tokenizer), only much smaller, so every code
 path runs in seconds on a CPU without any download. The UNet keeps the block layout of the real model
-(SD1.5: cross-attention in down blocks 0-1 and up blocks 1-2; SDXL: in down blocks 1-2 and up blocks 0-1)
-so that layer-selecting defaults such as the DIFT block index mean the same thing on both sizes.
+(SD1.5: cross-attention in down blocks 0-2 and up blocks 1-3; SDXL: in down blocks 1-2 and up blocks 0-1)
+so that layer-selecting defaults (the DIFT block index, the attention resolution latent/4) mean the same
+thing on both sizes.
 """
 
 from __future__ import annotations
@@ -133,9 +134,13 @@ def tiny_vae() -> AutoencoderKL:
 
 
 def tiny_unet(arch: str) -> UNet2DConditionModel:
+    """SD1.5 layout: 4 levels, cross-attention in the first three; SDXL layout: 3 levels, in the last two.
+
+    As in the real models, the deepest cross-attention level sits at latent/4 (SD1.5 ``down_blocks.2`` /
+    ``up_blocks.1``; SDXL ``down_blocks.2``, ``mid_block``, ``up_blocks.0``).
+    """
     torch.manual_seed(TINY_SEED)
     common = dict(
-        block_out_channels=(32, 64, 64),
         layers_per_block=1,
         sample_size=TINY_IMAGE_SIZE // 2,
         in_channels=4,
@@ -145,12 +150,14 @@ def tiny_unet(arch: str) -> UNet2DConditionModel:
     )
     if arch == "sd15":
         return UNet2DConditionModel(
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=TINY_TEXT_WIDTH,
             **common,
         )
     return UNet2DConditionModel(
+        block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=2 * TINY_TEXT_WIDTH,

@@ -1,0 +1,171 @@
+"""Recording attention processors: the e_mix cross-attention maps and self-attention q/k.
+
+Used by Reference-Based Guidance (regional mask, eq. 6) and by training (face localization loss, eq. 5).
+Processors follow diffusers' processor signature, write into an explicit :class:`AttentionStore`, and are
+installed only for the duration of a ``with record_attention(...)`` block (restored on exceptions too).
+Layers that record nothing keep their own (fast SDPA) processor. Only ``(hw × tokens)`` probabilities are
+formed, never an ``(hw)²`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+CROSS, SELF = "attn2", "attn1"
+
+
+def block_resolution_divisor(layer: str, num_blocks: int) -> int:
+    """How much smaller than the latent the maps of ``layer`` are (``down_blocks.2`` -> 4)."""
+    parts = layer.split(".")
+    if parts[0] == "mid_block":
+        return 2 ** (num_blocks - 1)
+    index = int(parts[1])
+    level = index if parts[0] == "down_blocks" else num_blocks - 1 - index
+    return 2 ** level
+
+
+def attention_layers(unet, divisor: int, kind: str) -> list[str]:
+    """Names of the ``kind`` (``attn1`` self / ``attn2`` cross) attention modules whose maps are latent/divisor."""
+    num_blocks = len(unet.config.block_out_channels)
+    names = [name[: -len(".processor")] for name in unet.attn_processors]
+    return [name for name in names
+            if name.endswith(kind) and block_resolution_divisor(name, num_blocks) == divisor]
+
+
+@dataclass
+class AttentionStore:
+    """What the recording processors write, for one UNet call at a time.
+
+    Args:
+        positions: token positions per identity; a map is the attention mass on that identity's tokens.
+        cross_layers / self_layers: module names to record (see :func:`attention_layers`).
+        latent_size: ``(h, w)`` of the latent, to turn a layer's token count back into a map shape.
+        rows: batch rows to record (e.g. the conditional half under CFG); ``None`` records all.
+        keep_grad: keep the autograd graph of the maps (training); guidance records detached maps.
+    """
+
+    positions: list[list[int]]
+    cross_layers: list[str]
+    self_layers: list[str] = field(default_factory=list)
+    latent_size: tuple[int, int] = (64, 64)
+    rows: slice | None = None
+    keep_grad: bool = False
+    cross_maps: list[torch.Tensor] = field(default_factory=list)
+    self_qk: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    _total: torch.Tensor | None = None
+    _calls: int = 0
+
+    def clear(self) -> None:
+        self.cross_maps.clear()
+        self.self_qk.clear()
+
+    def map_shape(self, tokens: int) -> tuple[int, int]:
+        height, width = self.latent_size
+        divisor = math.sqrt(height * width / tokens)
+        return round(height / divisor), round(width / divisor)
+
+    def record_cross(self, probs: torch.Tensor) -> None:
+        """``probs`` ``(B, heads, hw, T)`` -> per identity mass, head mean, as ``(B, n_id, h, w)``."""
+        probs = probs if self.rows is None else probs[self.rows]
+        probs = probs if self.keep_grad else probs.detach()
+        maps = torch.stack([probs[..., positions].sum(-1).mean(1) for positions in self.positions], dim=1)
+        self.cross_maps.append(maps.unflatten(-1, self.map_shape(maps.shape[-1])).float())
+
+    def record_self(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        rows = self.rows if self.rows is not None else slice(None)
+        self.self_qk.append((query[rows].detach(), key[rows].detach()))
+
+    def identity_maps(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Mean over the recorded layers of this call, each resized to ``size`` (default: the first's)."""
+        if not self.cross_maps:
+            raise RuntimeError("no cross-attention was recorded; check the selected layers")
+        size = size or tuple(self.cross_maps[0].shape[-2:])
+        return torch.stack([resize_map(m, size) for m in self.cross_maps]).mean(0)
+
+    def accumulate(self) -> torch.Tensor:
+        """Add this call's maps to the running mean over calls (steps) and return that mean."""
+        current = self.identity_maps().detach()
+        self._total = current if self._total is None else self._total + current
+        self._calls += 1
+        return self._total / self._calls
+
+
+def resize_map(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Average-pool down / bilinear up ``(B, C, h, w)`` maps to ``size``."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if maps.shape[-2] >= size[0] and maps.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(maps, size)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+class RecordingAttnProcessor:
+    """diffusers attention processor (``AttnProcessor2_0`` semantics) that also records into a store."""
+
+    def __init__(self, store: AttentionStore, kind: str):
+        self.store = store
+        self.kind = kind
+
+    def attend(self, attn, query, key, value, mask):
+        if self.kind == CROSS:
+            scores = query @ key.transpose(-1, -2) * attn.scale
+            if mask is not None:
+                scores = scores + mask
+            probs = scores.float().softmax(dim=-1).to(query.dtype)
+            self.store.record_cross(probs)
+            return probs @ value
+        self.store.record_self(query, key)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, sequence, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        hidden_states = self.attend(attn, query, key, value, attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def record_attention(unet, store: AttentionStore):
+    """Install recording processors on the store's layers for the ``with`` block; always restore."""
+    original = unet.attn_processors
+    wanted = {name + ".processor": CROSS for name in store.cross_layers}
+    wanted.update({name + ".processor": SELF for name in store.self_layers})
+    unet.set_attn_processor({
+        name: RecordingAttnProcessor(store, wanted[name]) if name in wanted else processor
+        for name, processor in original.items()
+    })
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(original)

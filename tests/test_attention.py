@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from omniportrait.attention import AttentionStore, attention_layers, record_attention
+from omniportrait.models.tiny import tiny_components
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def unet_and_context(request):
+    tiny = tiny_components(request.param)
+    unet = tiny.components["unet"]
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    extra = None
+    if request.param == "sdxl":
+        extra = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    return unet, context, extra
+
+
+def run(unet, context, extra):
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 32, 32)
+    return unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=extra).sample
+
+
+def test_latent_quarter_layers_exist(unet_and_context):
+    unet, _, _ = unet_and_context
+    assert attention_layers(unet, 4, "attn2") and attention_layers(unet, 4, "attn1")
+
+
+def test_recording_matches_plain_output_and_restores_processors(unet_and_context):
+    unet, context, extra = unet_and_context
+    before = dict(unet.attn_processors)
+    plain = run(unet, context, extra)
+    store = AttentionStore([[3], [5, 6]], attention_layers(unet, 4, "attn2"), attention_layers(unet, 4, "attn1"),
+                           latent_size=(32, 32), rows=slice(1, 2))
+    with record_attention(unet, store):
+        recorded = run(unet, context, extra)
+    assert torch.allclose(plain, recorded, atol=1e-5)
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
+    maps = store.identity_maps()
+    assert maps.shape == (1, 2, 8, 8)
+    assert len(store.self_qk) == len(store.self_layers)
+    assert ((maps >= 0) & (maps <= 2)).all()  # mass on one token <= 1, on two tokens <= 2
+
+
+def test_processors_restored_after_an_exception(unet_and_context):
+    unet, context, extra = unet_and_context
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    store = AttentionStore([[3]], attention_layers(unet, 4, "attn2"), latent_size=(32, 32))
+    with pytest.raises(RuntimeError, match="boom"):
+        with record_attention(unet, store):
+            raise RuntimeError("boom")
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+def test_maps_keep_grad_for_training(unet_and_context):
+    unet, context, extra = unet_and_context
+    context = context.clone().requires_grad_(True)
+    store = AttentionStore([[3]], attention_layers(unet, 4, "attn2"), latent_size=(32, 32), keep_grad=True)
+    with record_attention(unet, store):
+        run(unet, context, extra)
+    store.identity_maps().sum().backward()
+    assert context.grad[:, 3].abs().sum() > 0
