@@ -8,7 +8,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from omniportrait.models.tiny import tiny_components  # noqa: E402
+from omniportrait.pipelines import OmniPortraitSDPipeline, OmniPortraitSDXLPipeline  # noqa: E402
+
+OURS = {"sd15": OmniPortraitSDPipeline, "sdxl": OmniPortraitSDXLPipeline}
+THEIRS = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +41,24 @@ def astronaut_reference(astronaut_image):
 
 def max_abs_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def build(arch: str, ours: bool = True, with_pie: bool = True):
+    tiny = tiny_components(arch)
+    cls = OURS[arch] if ours else THEIRS[arch]
+    kwargs = dict(tiny.components)
+    if ours:
+        kwargs["pivot_encoder"] = tiny.pivot_encoder if with_pie else None
+    pipe = cls(**kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session", params=["sd15", "sdxl"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(arch):
+    return build(arch)

@@ -35,3 +35,7 @@ class MissingDependencyError(OmniPortraitError):
 
 class FaceIndexError(OmniPortraitError):
     """The requested face index is not among the faces found (the message says how many there are)."""
+
+
+class DatasetBuildError(OmniPortraitError):
+    """A dataset build cannot go on (e.g. a worker process died); rerunning the same command resumes it."""

@@ -4,7 +4,7 @@ import torch
 
 from omniportrait.pipelines import Identity
 from tests.conftest import max_abs_diff
-from tests.pipelines.conftest import build
+from tests.conftest import build
 
 PROMPT = "a photo of a woman on the beach"
 

@@ -10,7 +10,12 @@ import sys
 from omniportrait.errors import OmniPortraitError
 
 # subcommand name -> module under omniportrait.cli providing add_parser(subparsers) and run(args) -> int
-SUBCOMMANDS = {"generate": "generate"}
+SUBCOMMANDS = {
+    "generate": "generate",
+    "evaluate": "evaluate",
+    "build-dataset": "build_dataset",
+    "train": "train",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter (transformers' backend notices) off the user's terminal; errors still show."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -40,6 +53,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"omniportrait {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from omniportrait.errors import ClassWordError, ConfigError
+from omniportrait.guidance.config import RBGuidanceConfig
 from omniportrait.pipelines.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
 from omniportrait.text import find_person_nouns
@@ -46,7 +47,37 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
     p.add_argument("--num-images", type=int, default=1)
+    add_guidance_arguments(p)
     p.set_defaults(run=run)
+
+
+def add_guidance_arguments(p) -> None:
+    """Reference-Based Guidance flags (docs/guidance.md); defaults are the paper's."""
+    d = RBGuidanceConfig()
+    g = p.add_argument_group("Reference-Based Guidance (paper §3.3)")
+    g.add_argument("--no-rb", action="store_true", help="turn RB-Guidance off (Pivot ID Encoder only)")
+    g.add_argument("--rb-strength", type=float, default=d.strength, help="p of E = p/(1+S), eq. 10")
+    g.add_argument("--rb-start", type=float, default=d.start, help="u: guide steps with t <= u*T, eq. 11")
+    g.add_argument("--ref-timestep", type=int, default=d.ref_timestep, help="t0 of the reference features")
+    g.add_argument("--dift-ensemble", type=int, default=d.dift_ensemble, help="K noises for reference features")
+    g.add_argument("--dift-block", type=int, default=None, help="UNet up_blocks index (default SD1.5 1, SDXL 0)")
+    g.add_argument("--rb-reduction", choices=("sum", "mean"), default=d.reduction, help="S as sum (eq. 8) or mean")
+    g.add_argument("--mask-iterations", type=int, default=d.mask_iterations, help="gamma of eq. 6")
+    g.add_argument("--mask-power", type=float, default=d.mask_power, help="alpha of eq. 6")
+    g.add_argument("--mask-threshold", type=float, default=d.mask_threshold, help="beta of eq. 6")
+    g.add_argument("--no-background-mask", action="store_true", help="do not mask the gradient by M_gen (eq. 9)")
+    g.add_argument("--rb-feature-pass", choices=("cfg", "separate"), default=d.feature_pass,
+                   help="cfg: features from the CFG pass (fast); separate: lean extra pass (less memory)")
+    g.add_argument("--save-masks", default=None, metavar="DIR", help="write M_gen, M_ref and matches as PNGs")
+
+
+def guidance_config(args) -> RBGuidanceConfig:
+    return RBGuidanceConfig(
+        enabled=not args.no_rb, strength=args.rb_strength, start=args.rb_start, ref_timestep=args.ref_timestep,
+        dift_ensemble=args.dift_ensemble, dift_block=args.dift_block, reduction=args.rb_reduction,
+        mask_iterations=args.mask_iterations, mask_power=args.mask_power, mask_threshold=args.mask_threshold,
+        background_masking=not args.no_background_mask, feature_pass=args.rb_feature_pass,
+    )
 
 
 def parse_identity_flag(value: str) -> tuple[str, str, int | None]:
@@ -128,7 +159,10 @@ def package_versions() -> dict:
 
 def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], seed: int, index: int,
             elapsed: float) -> dict:
+    from dataclasses import asdict
+
     return {
+        "rb_guidance": asdict(guidance_config(args)),
         "parameters": {
             "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
             "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height,
@@ -153,6 +187,8 @@ def reproduce_command(args, seed: int) -> list[str]:
     command = ["omniportrait", "generate", "--prompt", args.prompt, "--seed", str(seed), "--steps", str(args.steps),
                "--guidance-scale", str(args.guidance_scale), "--width", str(args.width), "--height",
                str(args.height), "--preset", args.preset, "--scheduler", args.scheduler, "--dtype", args.dtype]
+    for flag, value in asdict_flags(args).items():
+        command += [flag] if value is True else [flag, str(value)] if value is not False else []
     for flag in ("negative_prompt", "base", "arch", "pivot_encoder", "class_word", "face_index"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -161,6 +197,22 @@ def reproduce_command(args, seed: int) -> list[str]:
     for value in args.identity:
         command += ["--identity", value]
     return command + ["--out", args.out]
+
+
+def asdict_flags(args) -> dict:
+    """The guidance flags of this run that differ from the defaults, as command-line flags."""
+    defaults = RBGuidanceConfig()
+    chosen = guidance_config(args)
+    names = {"strength": "--rb-strength", "start": "--rb-start", "ref_timestep": "--ref-timestep",
+             "dift_ensemble": "--dift-ensemble", "dift_block": "--dift-block", "reduction": "--rb-reduction",
+             "mask_iterations": "--mask-iterations", "mask_power": "--mask-power",
+             "mask_threshold": "--mask-threshold", "feature_pass": "--rb-feature-pass"}
+    flags = {flag: getattr(chosen, name) for name, flag in names.items() if getattr(chosen, name) != getattr(defaults, name)}
+    if not chosen.enabled:
+        flags["--no-rb"] = True
+    if not chosen.background_masking:
+        flags["--no-background-mask"] = True
+    return flags
 
 
 def write_json_atomic(data: dict, path: Path) -> None:
@@ -182,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(args.out, args.num_images)
     sources = identities_from_args(args)
     identities = prepare_identities(sources)
+    rb_config = guidance_config(args)
     pipe = load_pipeline(args.preset, args.base, args.arch, args.pivot_encoder, args.device, args.dtype,
                          args.scheduler)
     args.width = args.width or preset.size
@@ -191,11 +244,16 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     output = pipe(args.prompt, identities, negative_prompt=args.negative_prompt, height=args.height,
                   width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  num_images_per_prompt=args.num_images, generator=generators)
+                  num_images_per_prompt=args.num_images, generator=generators, rb_guidance=rb_config)
     elapsed = time.perf_counter() - started
     for index, (image, path, seed) in enumerate(zip(output.images, paths, seeds)):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image_atomic(image, path)
         write_json_atomic(sidecar(args, pipe, identities, sources, seed, index, elapsed), path.with_suffix(".json"))
         print(f"wrote {path} ({image.width}x{image.height}) and {path.with_suffix('.json').name}", file=sys.stderr)
+    if args.save_masks and output.guidance is not None:
+        from omniportrait.guidance.visualize import save_guidance_pictures
+
+        written = save_guidance_pictures(output.guidance, output.images, args.save_masks)
+        print(f"wrote {len(written)} guidance pictures to {args.save_masks}", file=sys.stderr)
     return 0

@@ -15,6 +15,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from PIL import Image
 
 from omniportrait.errors import ConfigError
+from omniportrait.guidance.config import RBGuidanceConfig
 from omniportrait.pipelines.identity import (
     BoundIdentity,
     Identity,
@@ -47,8 +48,11 @@ class Conditioning:
 
 @dataclass
 class OmniPortraitOutput:
+    """Images, the identities as bound for this call, and the guidance state (``None`` when it was off)."""
+
     images: list[Image.Image] | torch.Tensor
     identities: list[BoundIdentity] = field(default_factory=list)
+    guidance: object = None
 
 
 def _as_prepared_reference(identity: Identity):
@@ -128,15 +132,17 @@ class OmniPortraitMixin:
         return uncond + guidance_scale * (text - uncond)
 
     def predict_noise(self, latents, t, step_index: int, cond: Conditioning, guidance_scale: float):
-        """The noise the scheduler steps with. Reference-Based Guidance extends this step."""
+        """The noise the scheduler steps with, without guidance (Reference-Based Guidance brings its own)."""
         with torch.no_grad():
             return self.cfg_noise(latents, t, cond, guidance_scale)
 
-    def denoise(self, latents, timesteps, cond: Conditioning, guidance_scale: float, generator) -> torch.Tensor:
+    def denoise(self, latents, timesteps, cond: Conditioning, guidance_scale: float, generator,
+                predict_noise=None) -> torch.Tensor:
+        predict_noise = predict_noise or self.predict_noise
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
         with self.progress_bar(total=len(timesteps)) as progress:
             for step_index, t in enumerate(timesteps):
-                noise = self.predict_noise(latents, t, step_index, cond, guidance_scale)
+                noise = predict_noise(latents, t, step_index, cond, guidance_scale)
                 latents = self.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 progress.update()
         return latents
@@ -169,10 +175,13 @@ class OmniPortraitMixin:
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
+        rb_guidance: RBGuidanceConfig | None = None,
     ) -> OmniPortraitOutput:
         """Draw ``prompt`` with each identity bound to its class word.
 
-        Defaults are the paper's: DDIM (the pipeline's scheduler), 50 steps, CFG ``w = 7.5``.
+        Defaults are the paper's: DDIM (the pipeline's scheduler), 50 steps, CFG ``w = 7.5``, and
+        Reference-Based Guidance with :class:`RBGuidanceConfig` defaults whenever identities are given
+        (``rb_guidance=RBGuidanceConfig(enabled=False)`` turns it off).
         """
         height = height or self.default_size()
         width = width or self.default_size()
@@ -186,7 +195,18 @@ class OmniPortraitMixin:
             num_images_per_prompt, self.unet.config.in_channels, height, width,
             cond.prompt_embeds.dtype, device, generator, latents,
         )
-        latents = self.denoise(latents, timesteps, cond, guidance_scale, generator)
+        guidance = self.reference_guidance(rb_guidance, bound, height, width, num_images_per_prompt)
+        latents = self.denoise(latents, timesteps, cond, guidance_scale, generator,
+                               guidance.noise if guidance else None)
         images = self.decode(latents, output_type, generator)
         self.maybe_free_model_hooks()
-        return OmniPortraitOutput(images=images, identities=bound)
+        return OmniPortraitOutput(images=images, identities=bound, guidance=guidance)
+
+    def reference_guidance(self, config: RBGuidanceConfig | None, bound, height, width, num_images):
+        """The RB-Guidance state for this call, or ``None`` when it is off or there is no identity."""
+        config = config or RBGuidanceConfig()
+        if not bound or not config.enabled:
+            return None
+        from omniportrait.guidance.rb import ReferenceGuidance
+
+        return ReferenceGuidance(self, config, bound, height, width, num_images)

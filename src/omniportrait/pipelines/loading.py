@@ -194,4 +194,6 @@ def load_pipeline(
         warnings.warn(NO_PIVOT_WARNING, stacklevel=2)
     pipe.register_modules(pivot_encoder=pie)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    return pipe.to(torch_device, torch_dtype)
+    if pipe.unet.dtype != torch_dtype:
+        pipe.to(torch_dtype)
+    return pipe.to(torch_device)

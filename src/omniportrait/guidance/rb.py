@@ -1,0 +1,169 @@
+"""Reference-Based Guidance for one generation (paper §3.3, §4.6, eqs. 6-11).
+
+:class:`ReferenceGuidance` holds what one call needs: each identity's reference features and mask, the
+attention store that yields the generated masks, and the step function that replaces plain CFG:
+``ε̂ = ε_cfg + Σ_i M_gen,i ⊙ ∇_{z_t} E_i`` on the steps with ``t ≤ u·T``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from omniportrait.attention import AttentionStore, attention_layers, record_attention
+from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK, RBGuidanceConfig
+from omniportrait.guidance.energy import Correspondence, energy, match_features
+from omniportrait.guidance.features import capture_features, features_only, noisy_reference_latents
+from omniportrait.guidance.mask import regional_mask, resize_mask
+from omniportrait.pipelines.identity import BoundIdentity, locate_class_word
+
+NON_FINITE_WARNING = "Reference-Based Guidance produced a non-finite gradient; guidance skipped for that step"
+
+
+@dataclass
+class ReferenceFeatures:
+    """``D_ref`` ``(C, h, w)`` at ``t0`` and ``M_ref`` at the same size, for one identity."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    crop: object  # PIL image the features were taken from
+    crop_mask: np.ndarray
+
+
+@dataclass
+class StepRecord:
+    """What the last guided step saw, kept for ``--save-masks``."""
+
+    gen_masks: torch.Tensor | None = None
+    correspondences: list[list[Correspondence]] = field(default_factory=list)
+    feature_size: tuple[int, int] | None = None
+    guided_steps: int = 0
+    skipped_steps: int = 0
+    energies: list[float] = field(default_factory=list)
+    gradients: list[torch.Tensor] = field(default_factory=list)
+
+
+def dift_block_for(pipe, config: RBGuidanceConfig) -> int:
+    if config.dift_block is not None:
+        return config.dift_block
+    return DEFAULT_DIFT_BLOCK["sdxl" if hasattr(pipe, "text_encoder_2") else "sd15"]
+
+
+class ReferenceGuidance:
+    """State and step function of RB-Guidance for one call of an OmniPortrait pipeline."""
+
+    def __init__(self, pipe, config: RBGuidanceConfig, bound: list[BoundIdentity], height: int, width: int,
+                 num_images: int):
+        self.pipe, self.config, self.bound = pipe, config, bound
+        self.block = dift_block_for(pipe, config)
+        self.latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        self.num_images = num_images
+        self.references = [self.reference_features(item, min(height, width)) for item in bound]
+        self.store = self.attention_store(rows=slice(num_images, 2 * num_images))
+        self.record = StepRecord()
+        self._warned = False
+
+    # ----- setup ------------------------------------------------------------------------------------------
+    def attention_store(self, rows: slice | None) -> AttentionStore:
+        unet, divisor = self.pipe.unet, self.config.attention_divisor
+        return AttentionStore([item.positions for item in self.bound], attention_layers(unet, divisor, "attn2"),
+                              attention_layers(unet, divisor, "attn1"), self.latent_size, rows)
+
+    @torch.no_grad()
+    def reference_features(self, item: BoundIdentity, size: int) -> ReferenceFeatures:
+        """DIFT features of the aligned reference face at ``t0``, averaged over ``K`` seeded noises."""
+        pipe, config = self.pipe, self.config
+        aligned = item.reference.aligned(size)
+        pixels = pipe.image_processor.preprocess(aligned.image).to(pipe.device, pipe.vae.dtype)
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        noisy = noisy_reference_latents(latents, config.ref_timestep, config.dift_ensemble, config.ref_seed,
+                                        pipe.scheduler.alphas_cumprod).to(pipe.unet.dtype)
+        prompt = config.ref_prompt.format(word=item.identity.class_word)
+        ref_item = replace(item, positions=locate_class_word(pipe.tokenizer, prompt, item.identity.class_word))
+        cond = pipe.encode_text(prompt, None, config.dift_ensemble, False, size, size, [ref_item])
+        timestep = torch.tensor(config.ref_timestep, device=pipe.device)
+        features = features_only(pipe.unet, self.block, noisy, timestep, cond.prompt_embeds,
+                                 cond.added_cond_kwargs).float().mean(0)
+        mask = torch.from_numpy(aligned.mask.astype(np.float32))[None, None]
+        mask = F.interpolate(mask, size=features.shape[-2:], mode="area")[0, 0] > 0.5
+        return ReferenceFeatures(features, mask.to(features.device), aligned.image, aligned.mask)
+
+    # ----- per step -----------------------------------------------------------------------------------------
+    def noise(self, latents, t, step_index: int, cond, guidance_scale: float) -> torch.Tensor:
+        """Eq. 11: plain CFG above ``t̂`` (attention still recorded for the mask), guided CFG below."""
+        self.store.clear()
+        if not self.config.active_at(int(t), self.pipe.scheduler.config.num_train_timesteps):
+            with torch.no_grad(), record_attention(self.pipe.unet, self.store):
+                noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
+            self.store.accumulate()
+            return noise
+        return self.guided_noise(latents, t, cond, guidance_scale)
+
+    def guided_noise(self, latents, t, cond, guidance_scale: float) -> torch.Tensor:
+        noise, gradient = self.noise_and_gradient(latents, t, cond, guidance_scale)
+        return noise + gradient.to(noise.dtype)
+
+    def noise_and_gradient(self, latents, t, cond, guidance_scale: float, masks: torch.Tensor | None = None):
+        """``(ε_cfg, Σ_i M_gen,i ⊙ ∇E_i)`` at ``z_t``; ``masks`` fixes ``M_gen`` instead of computing it."""
+        latents = latents.detach().requires_grad_(True)
+        rows = slice(self.num_images, 2 * self.num_images) if cond.do_cfg else None
+        with torch.enable_grad():
+            if self.config.feature_pass == "cfg":
+                with record_attention(self.pipe.unet, self.store), \
+                        capture_features(self.pipe.unet, self.block, rows) as captured:
+                    noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
+                features = captured[0]
+            else:
+                with torch.no_grad(), record_attention(self.pipe.unet, self.store):
+                    noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
+                features = self.conditional_features(latents, t, cond)
+            masks = self.generated_masks() if masks is None else masks
+            gradient = self.energy_gradient(latents, features, masks)
+        return noise.detach(), gradient
+
+    def conditional_features(self, latents, t, cond) -> torch.Tensor:
+        """Memory-lean mode: a conditional pass with grad, stopped after the DIFT block."""
+        conditional = cond.conditional()
+        model_input = self.pipe.scheduler.scale_model_input(latents, t)
+        return features_only(self.pipe.unet, self.block, model_input, t, conditional.prompt_embeds,
+                             conditional.added_cond_kwargs)
+
+    def generated_masks(self) -> torch.Tensor:
+        """``M_gen`` per identity ``(B, n, h, w)`` from the running-mean cross-attention and this step's q/k."""
+        mean_maps = self.store.accumulate()
+        c = self.config
+        return regional_mask(mean_maps, self.store.self_qk, c.mask_iterations, c.mask_power, c.mask_threshold)
+
+    def energy_gradient(self, latents, features, masks) -> torch.Tensor:
+        """``Σ_i M_gen,i ⊙ ∇_{z_t} E_i`` (eqs. 8-10); zero, with one warning, if not finite."""
+        feature_masks = resize_mask(masks, tuple(features.shape[-2:]))
+        latent_masks = resize_mask(masks, tuple(latents.shape[-2:]))
+        total = torch.zeros_like(latents)
+        correspondences, energies, gradients = [], [], []
+        for index, reference in enumerate(self.references):
+            per_image = [match_features(features[b], feature_masks[b, index], reference.features, reference.mask,
+                                        self.config.reduction) for b in range(features.shape[0])]
+            identity_energy = sum(energy(c.similarity, self.config.strength) for c in per_image)
+            last = index == len(self.references) - 1
+            gradient, = torch.autograd.grad(identity_energy, latents, retain_graph=not last)
+            if self.config.background_masking:
+                gradient = gradient * latent_masks[:, index : index + 1].to(gradient.dtype)
+            total = total + gradient
+            gradients.append(gradient.detach())
+            correspondences.append(per_image)
+            energies.append(float(identity_energy.detach()))
+        self.record.gen_masks, self.record.correspondences = masks.detach(), correspondences
+        self.record.feature_size = tuple(features.shape[-2:])
+        self.record.energies, self.record.gradients = energies, gradients
+        if not torch.isfinite(total).all():
+            if not self._warned:
+                warnings.warn(NON_FINITE_WARNING, stacklevel=2)
+                self._warned = True
+            self.record.skipped_steps += 1
+            return torch.zeros_like(latents).detach()
+        self.record.guided_steps += 1
+        return total.detach()

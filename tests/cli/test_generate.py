@@ -1,0 +1,89 @@
+"""``omniportrait generate`` end to end on the tiny preset, with good and bad input (DESIGN §5)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omniportrait.cli import main
+
+FAST = ["--preset", "tiny-sd15", "--steps", "4", "--dift-ensemble", "2"]
+
+
+def generate(*args):
+    return main(["generate", *FAST, *args])
+
+
+def test_writes_png_and_sidecar_and_is_reproducible(tmp_path, astronaut_path, capsys):
+    out = tmp_path / "a.png"
+    assert generate("--reference", astronaut_path, "--prompt", "a woman on the beach", "--out", str(out),
+                    "--save-masks", str(tmp_path / "masks")) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["parameters"]["seed"] == 0 and meta["parameters"]["steps"] == 4
+    assert meta["identities"][0]["class_word"] == "woman" and meta["identities"][0]["sha256"]
+    assert meta["rb_guidance"]["strength"] == 8.5 and meta["versions"]["diffusers"]
+    assert {p.name for p in (tmp_path / "masks").iterdir()} == {"mgen-0.png", "mref-0.png", "matches-0.png"}
+    again = tmp_path / "b.png"
+    assert main(meta["reproduce"][1:-2] + ["--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_several_images_and_identities(tmp_path, astronaut_path):
+    out = tmp_path / "pair.png"
+    assert generate("--identity", f"{astronaut_path}:man", "--identity", f"{astronaut_path}:woman",
+                    "--prompt", "a man and a woman at the beach", "--num-images", "2", "--out", str(out)) == 0
+    assert sorted(p.name for p in tmp_path.glob("pair-*.png")) == ["pair-0.png", "pair-1.png"]
+    assert json.loads((tmp_path / "pair-1.json").read_text())["parameters"]["seed"] == 1
+
+
+def bad_inputs(tmp_path, astronaut_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    corrupt = tmp_path / "cut.jpg"
+    Image.open(astronaut_path).save(corrupt)
+    corrupt.write_bytes(corrupt.read_bytes()[:3000])
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (256, 256), "white").save(blank)
+    ok = ["--prompt", "a woman on the beach"]
+    return {
+        "missing file": (["--reference", str(tmp_path / "nope.jpg"), *ok], "does not exist"),
+        "not an image": (["--reference", str(not_image), *ok], "image"),
+        "corrupt": (["--reference", str(corrupt), *ok], ""),
+        "no face": (["--reference", str(blank), *ok], "face"),
+        "no class word": (["--reference", astronaut_path, "--prompt", "a cat on the beach"], "person word"),
+        "word not in prompt": (["--identity", f"{astronaut_path}:man", *ok], "not in the prompt"),
+        "unknown preset": (["--reference", astronaut_path, *ok, "--preset", "nope"], "unknown preset"),
+        "missing checkpoint": (["--reference", astronaut_path, *ok, "--base", str(tmp_path / "m.safetensors")],
+                               "does not exist"),
+        "bad out": (["--reference", astronaut_path, *ok, "--out", str(tmp_path / "x.jpg")], ".png"),
+        "bad identity": (["--identity", "just-a-path", *ok], "PHOTO:WORD"),
+    }
+
+
+CASES = ["missing file", "not an image", "corrupt", "no face", "no class word", "word not in prompt",
+         "unknown preset", "missing checkpoint", "bad out", "bad identity"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_one_line_nonzero_no_output(case, tmp_path, astronaut_path, capsys):
+    args, expected = bad_inputs(tmp_path, astronaut_path)[case]
+    out = tmp_path / "out" / "o.png"
+    if "--out" not in args:
+        args = args + ["--out", str(out)]
+    code = main(["generate", *FAST, *args] if "--preset" not in args else ["generate", "--steps", "2", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert expected.lower() in err.lower()
+    assert not out.exists() and not (tmp_path / "out").exists()
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "omniportrait.cli", "generate", "--preset", "tiny-sd15",
+                             "--reference", str(tmp_path / "missing.png"), "--prompt", "a woman",
+                             "--out", str(tmp_path / "o.png")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "does not exist" in result.stderr

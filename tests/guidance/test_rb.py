@@ -1,0 +1,91 @@
+"""RB-Guidance on the tiny SD1.5 and SDXL pipelines (paper eqs. 9-11)."""
+
+import numpy as np
+import pytest
+import torch
+
+from omniportrait.guidance import RBGuidanceConfig
+from omniportrait.guidance.mask import resize_mask
+from omniportrait.guidance.rb import ReferenceGuidance
+from omniportrait.pipelines import Identity
+
+PROMPT = "a photo of a woman on the beach"
+TWO = "a man and a woman on the beach"
+
+
+def guidance_at_step(pipe, reference, prompt=PROMPT, words=("woman",), config=RBGuidanceConfig()):
+    """A ReferenceGuidance ready to take a guided step, the latents and the conditioning."""
+    bound = pipe.bind_identities(prompt, [Identity(reference, word) for word in words])
+    cond = pipe.encode_text(prompt, None, 1, True, 64, 64, bound)
+    guidance = ReferenceGuidance(pipe, config, bound, 64, 64, 1)
+    pipe.scheduler.set_timesteps(10)
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    return guidance, latents, cond
+
+
+def test_energy_path_runs_and_gradient_is_zero_outside_the_mask(tiny_pipe, astronaut_reference):
+    guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference)
+    noise, gradient = guidance.noise_and_gradient(latents, torch.tensor(400), cond, 7.5)
+    latent_mask = resize_mask(guidance.record.gen_masks, (32, 32))[:, 0:1].expand_as(gradient)
+    assert torch.isfinite(noise).all()
+    assert gradient[~latent_mask].abs().max() == 0
+    assert gradient[latent_mask].abs().max() > 0
+
+
+def test_small_step_against_the_gradient_lowers_the_energy(tiny_pipe, astronaut_reference):
+    config = RBGuidanceConfig(background_masking=False)
+    guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference, config=config)
+    t = torch.tensor(400)
+    _, gradient = guidance.noise_and_gradient(latents, t, cond, 7.5)
+    masks, before = guidance.record.gen_masks, guidance.record.energies[0]
+    step = 1e-2 * gradient / gradient.norm()
+    guidance.noise_and_gradient(latents - step, t, cond, 7.5, masks=masks)
+    assert guidance.record.energies[0] < before
+
+
+def test_two_identities_have_disjoint_masks_and_gradients_inside_their_own(tiny_pipe, astronaut_reference):
+    guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference, TWO, ("man", "woman"))
+    guidance.noise_and_gradient(latents, torch.tensor(400), cond, 7.5)
+    masks = guidance.record.gen_masks
+    assert masks.shape[1] == 2 and (masks.sum(dim=1) <= 1).all()
+    latent_masks = resize_mask(masks, (32, 32))
+    for index, gradient in enumerate(guidance.record.gradients):
+        outside = ~latent_masks[:, index : index + 1].expand_as(gradient)
+        assert gradient[outside].abs().max() == 0
+
+
+def test_non_finite_gradient_is_skipped_with_one_warning(tiny_pipe, astronaut_reference):
+    guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference,
+                                               config=RBGuidanceConfig(strength=float("inf")))
+    with pytest.warns(UserWarning, match="non-finite"):
+        _, gradient = guidance.noise_and_gradient(latents, torch.tensor(400), cond, 7.5)
+    assert torch.equal(gradient, torch.zeros_like(gradient))
+    assert guidance.record.skipped_steps == 1
+
+
+def run(pipe, reference, **kwargs):
+    return pipe(PROMPT, [Identity(reference, "woman")], num_inference_steps=6, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_no_rb_is_the_foundation_pipeline_bit_for_bit_and_rb_changes_the_image(tiny_pipe, astronaut_reference):
+    off = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(enabled=False))
+    assert off.guidance is None
+    bound = tiny_pipe.bind_identities(PROMPT, [Identity(astronaut_reference, "woman")])
+    cond = tiny_pipe.encode_text(PROMPT, None, 1, True, 64, 64, bound)
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    timesteps, _ = retrieve_timesteps(tiny_pipe.scheduler, 6, "cpu")
+    latents = tiny_pipe.prepare_latents(1, 4, 64, 64, cond.prompt_embeds.dtype, "cpu",
+                                        torch.Generator().manual_seed(0))
+    foundation = tiny_pipe.decode(tiny_pipe.denoise(latents, timesteps, cond, 7.5, None), "np")
+    assert np.array_equal(off.images, foundation)
+    on = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0))
+    assert on.guidance.record.guided_steps > 0
+    assert np.abs(on.images - off.images).max() > 1e-4
+
+
+def test_separate_feature_pass_gives_the_same_guidance(tiny_pipe, astronaut_reference):
+    fused = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0))
+    lean = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0, feature_pass="separate"))
+    assert np.abs(fused.images - lean.images).max() < 1e-3
