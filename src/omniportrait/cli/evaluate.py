@@ -49,10 +49,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prompts-per-category", type=int, default=None, help="first N prompts of each category")
     p.add_argument("--max-prompts", type=int, default=None, help="N prompts taken round-robin over the categories")
     p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
-                   help="vary one pipeline parameter for the Fig. 5 plot, e.g. guidance-scale=3,7.5 or rb-strength=0,4,8.5,16")
-    p.add_argument("--metrics", default=None, help=f"comma-separated subset of {', '.join(METRIC_NAMES)} (default: all)")
+                   help="vary one pipeline parameter for the Fig. 5 plot, "
+                        "e.g. guidance-scale=3,7.5 or rb-strength=0,4,8.5,16")
+    p.add_argument("--metrics", default=None,
+                   help=f"comma-separated subset of {', '.join(METRIC_NAMES)} (default: all)")
     p.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
-                   help=f"CLIP for CLIP-T, CLIP-I, FID-CLIP (hub id, folder, or tiny-random; default {DEFAULT_CLIP_MODEL})")
+                   help="CLIP for CLIP-T, CLIP-I, FID-CLIP: hub id, folder, or tiny-random "
+                        f"(default {DEFAULT_CLIP_MODEL})")
     p.add_argument("--iqa-model", default=None, help="CLIP for CLIP-IQA (default: --clip-model)")
     p.add_argument("--blip-model", default=DEFAULT_BLIP_MODEL,
                    help=f"BLIP image-text matching model (default {DEFAULT_BLIP_MODEL})")
@@ -60,7 +63,8 @@ def add_parser(subparsers) -> None:
                    help="auto: FaceNet when --facenet-weights is given, else dlib")
     p.add_argument("--facenet-weights", default=None, help="VGGFace2 InceptionResnetV1 state dict (the paper's SIM)")
     p.add_argument("--fid-inception-weights", default=None,
-                   help="torch-fidelity Inception weights file for the standard FID (pt_inception-2015-12-05-6726825d.pth)")
+                   help="torch-fidelity Inception weights for the standard FID "
+                        "(pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--batch-size", type=int, default=8, help="images per metric batch (default: 8)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N; "
                                                     "under accelerate launch each process uses its own GPU")

@@ -1,0 +1,104 @@
+"""Jobs, disjoint data-parallel slices, resumability, and the merged report of several processes."""
+
+from pathlib import Path
+
+import pytest
+
+from omniportrait.evaluation.metrics import MetricConfig
+from omniportrait.evaluation.prompts import select_prompts
+from omniportrait.evaluation.runner import (
+    EvalConfig,
+    GenerationConfig,
+    Job,
+    ProcessInfo,
+    build_jobs,
+    run_evaluation,
+    shard,
+)
+from omniportrait.evaluation.sweep import Setting
+from omniportrait.evaluation.tiny import TINY_MODEL_ID
+
+
+class Ref:
+    def __init__(self, name, word="person"):
+        self.name, self.class_word = name, word
+
+
+def test_jobs_cover_every_combination_in_a_fixed_order():
+    jobs = build_jobs([Setting()], [Ref("a.png", "woman"), Ref("b.png", "man")], select_prompts(max_prompts=3), [0, 1])
+    assert len(jobs) == 2 * 3 * 2
+    assert jobs[0].text == "A woman posing like a tourist in front of the Eiffel Tower"
+    assert jobs[-1].text == "A man on the beach" and jobs[-1].seed == 1
+    assert jobs[0].relative_path == Path("images/default/a_png/pose-0-seed0.png")
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_slices_are_disjoint_and_cover_all_jobs(count):
+    jobs = build_jobs([Setting()], [Ref("a.png"), Ref("b.png")], select_prompts(max_prompts=6), [0, 1, 2])
+    slices = [shard(jobs, index, count) for index in range(count)]
+    flat = [job for piece in slices for job in piece]
+    assert sorted(flat, key=jobs.index) == jobs
+    assert len(set(flat)) == len(jobs)
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+    with pytest.raises(ValueError):
+        shard(jobs, count, count)
+
+
+@pytest.fixture(scope="module")
+def one_reference(tmp_path_factory, astronaut_image):
+    folder = tmp_path_factory.mktemp("one-reference")
+    astronaut_image.save(folder / "astronaut.png")
+    return folder
+
+
+def config_for(references, output, steps=1) -> EvalConfig:
+    return EvalConfig(
+        references=references, output=output, prompts=tuple(select_prompts(max_prompts=1)),
+        generation=GenerationConfig(preset="tiny-sd15", steps=steps, device="cpu"),
+        metrics=MetricConfig(clip_model=TINY_MODEL_ID), metric_names=("clip-t", "fid-clip"), progress=False,
+    )
+
+
+def test_two_processes_take_disjoint_slices_and_the_main_one_merges(references_dir, tmp_path):
+    """As under ``accelerate launch`` with 2 processes: rank 1 does its half, rank 0 its half plus the report."""
+    config = config_for(references_dir, tmp_path / "out")
+    assert run_evaluation(config, ProcessInfo(index=1, count=2)) is None
+    images = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert images == ["images/default/mirror_png/pose-0-seed0.png"]  # job 1 of [astronaut, mirror]
+    assert not (tmp_path / "out" / "report.json").exists()
+    result = run_evaluation(config, ProcessInfo(index=0, count=2))
+    assert result.generated == 1
+    assert result.report["images"] == {"expected": 2, "found": 2}
+    row = result.report["rows"][0]
+    assert row["images"] == 2 and row["values"]["clip_t"] is not None
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 2
+    assert row["values"]["fid_clip"] is not None  # the set metric saw both processes' images (2 ≥ 2 needed)
+
+
+def test_a_finished_image_is_reused_and_a_changed_setting_regenerates(one_reference, tmp_path):
+    config = config_for(one_reference, tmp_path / "out")
+    assert run_evaluation(config, ProcessInfo()).generated == 1
+    image = tmp_path / "out" / "images/default/astronaut_png/pose-0-seed0.png"
+    stamp = image.stat().st_mtime_ns
+    again = run_evaluation(config, ProcessInfo())
+    assert again.generated == 0 and image.stat().st_mtime_ns == stamp
+    assert again.report["images"] == {"expected": 1, "found": 1}
+    image.with_suffix(".json").unlink()  # an image without its sidecar was interrupted: redo it
+    assert run_evaluation(config, ProcessInfo()).generated == 1
+    assert run_evaluation(config_for(one_reference, tmp_path / "out", steps=2), ProcessInfo()).generated == 1
+
+
+def test_job_is_hashable_and_labels_its_setting():
+    job = Job(Setting("guidance_scale", 3.0, "3", "guidance_scale"), "a.png", "man", select_prompts()[0], 4)
+    assert {job: 1}[job] == 1
+    assert job.relative_path == Path("images/guidance_scale=3/a_png/pose-0-seed4.png")
+
+
+def test_a_plain_run_is_one_process_and_leaves_accelerate_alone(monkeypatch):
+    from omniportrait.evaluation.runner import current_process
+
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    process = current_process(cpu=True)
+    assert (process.index, process.count, process.state) == (0, 1, None)
+    assert process.is_main
