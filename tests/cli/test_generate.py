@@ -25,6 +25,8 @@ def test_writes_png_and_sidecar_and_is_reproducible(tmp_path, astronaut_path, ca
     assert meta["parameters"]["seed"] == 0 and meta["parameters"]["steps"] == 4
     assert meta["identities"][0]["class_word"] == "woman" and meta["identities"][0]["sha256"]
     assert meta["rb_guidance"]["strength"] == 8.5 and meta["versions"]["diffusers"]
+    assert "sim" in meta["identities"][0]  # None here: the tiny model draws no detectable face
+    assert "SIM to 'woman' reference" in capsys.readouterr().err
     assert {p.name for p in (tmp_path / "masks").iterdir()} == {"mgen-0.png", "mref-0.png", "matches-0.png"}
     again = tmp_path / "b.png"
     assert main(meta["reproduce"][1:-2] + ["--out", str(again)]) == 0

@@ -31,11 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings in the CLI are one line for the user, without source locations."""
+    print(f"omniportrait: warning: {message}", file=sys.stderr)
+
+
 def quiet_libraries() -> None:
-    """Keep library chatter (transformers' backend notices) off the user's terminal; errors still show."""
+    """Keep library chatter (backend notices, deprecations) off the user's terminal; errors still show."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.showwarning = show_warning_line
     transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:

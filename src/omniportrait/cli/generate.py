@@ -157,8 +157,17 @@ def package_versions() -> dict:
             "platform": platform.platform()}
 
 
+def similarities(identities: list[Identity], image) -> list[float | None]:
+    """SIM (cosine of face embeddings, ``omniportrait[eval]``) of ``image`` to each reference, or ``None``s."""
+    try:
+        from omniportrait.evaluation.sim import identity_similarity
+    except ImportError:
+        return [None for _ in identities]
+    return [identity_similarity(item.reference, image) for item in identities]
+
+
 def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], seed: int, index: int,
-            elapsed: float) -> dict:
+            elapsed: float, sims: list[float | None]) -> dict:
     from dataclasses import asdict
 
     return {
@@ -174,8 +183,9 @@ def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], see
             {"reference": str(source.reference), "sha256": file_sha256(str(source.reference)),
              "class_word": item.class_word, "occurrence": item.occurrence,
              "face_index": item.reference.face_index, "face_box": [round(v, 2) for v in item.reference.face.box],
-             "face_score": round(float(item.reference.face.score), 4)}
-            for item, source in zip(identities, sources)
+             "face_score": round(float(item.reference.face.score), 4),
+             "sim": None if sim is None else round(sim, 4)}
+            for item, source, sim in zip(identities, sources, sims)
         ],
         "reproduce": reproduce_command(args, seed),
         "versions": package_versions(),
@@ -248,9 +258,14 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     for index, (image, path, seed) in enumerate(zip(output.images, paths, seeds)):
         path.parent.mkdir(parents=True, exist_ok=True)
+        sims = similarities(identities, image)
         save_image_atomic(image, path)
-        write_json_atomic(sidecar(args, pipe, identities, sources, seed, index, elapsed), path.with_suffix(".json"))
+        write_json_atomic(sidecar(args, pipe, identities, sources, seed, index, elapsed, sims),
+                          path.with_suffix(".json"))
         print(f"wrote {path} ({image.width}x{image.height}) and {path.with_suffix('.json').name}", file=sys.stderr)
+        for item, sim in zip(identities, sims):
+            shown = "n/a (no face in the output, or no SIM backend: omniportrait[eval])" if sim is None else f"{sim:.3f}"
+            print(f"  SIM to {item.class_word!r} reference: {shown}", file=sys.stderr)
     if args.save_masks and output.guidance is not None:
         from omniportrait.guidance.visualize import save_guidance_pictures
 
