@@ -89,3 +89,13 @@ def test_separate_feature_pass_gives_the_same_guidance(tiny_pipe, astronaut_refe
     fused = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0))
     lean = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0, feature_pass="separate"))
     assert np.abs(fused.images - lean.images).max() < 1e-3
+
+
+def test_half_precision_gradient_does_not_underflow(astronaut_reference):
+    from tests.conftest import build
+
+    pipe = build("sd15").to(torch.float16)
+    guidance, latents, cond = guidance_at_step(pipe, astronaut_reference)
+    _, gradient = guidance.noise_and_gradient(latents.to(torch.float16), torch.tensor(400), cond, 7.5)
+    assert gradient.dtype == torch.float32 and torch.isfinite(gradient).all()
+    assert gradient.abs().max() > 0

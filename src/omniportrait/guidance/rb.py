@@ -21,6 +21,9 @@ from omniportrait.guidance.features import capture_features, features_only, nois
 from omniportrait.guidance.mask import regional_mask, resize_mask
 from omniportrait.pipelines.identity import BoundIdentity, locate_class_word
 
+# Static loss scaling for the backward pass in fp16/bf16: E's gradient is small (~p/(1+S)² per point) and
+# would underflow in half precision; the scale is divided out in fp32 afterwards.
+HALF_PRECISION_GRAD_SCALE = 2.0**12
 NON_FINITE_WARNING = "Reference-Based Guidance produced a non-finite gradient; guidance skipped for that step"
 
 
@@ -142,14 +145,16 @@ class ReferenceGuidance:
         """``Σ_i M_gen,i ⊙ ∇_{z_t} E_i`` (eqs. 8-10); zero, with one warning, if not finite."""
         feature_masks = resize_mask(masks, tuple(features.shape[-2:]))
         latent_masks = resize_mask(masks, tuple(latents.shape[-2:]))
-        total = torch.zeros_like(latents)
+        total = torch.zeros_like(latents, dtype=torch.float32)
         correspondences, energies, gradients = [], [], []
         for index, reference in enumerate(self.references):
             per_image = [match_features(features[b], feature_masks[b, index], reference.features, reference.mask,
                                         self.config.reduction) for b in range(features.shape[0])]
             identity_energy = sum(energy(c.similarity, self.config.strength) for c in per_image)
             last = index == len(self.references) - 1
-            gradient, = torch.autograd.grad(identity_energy, latents, retain_graph=not last)
+            scale = HALF_PRECISION_GRAD_SCALE if latents.dtype in (torch.float16, torch.bfloat16) else 1.0
+            gradient, = torch.autograd.grad(identity_energy * scale, latents, retain_graph=not last)
+            gradient = gradient.float() / scale
             if self.config.background_masking:
                 gradient = gradient * latent_masks[:, index : index + 1].to(gradient.dtype)
             total = total + gradient
@@ -164,6 +169,6 @@ class ReferenceGuidance:
                 warnings.warn(NON_FINITE_WARNING, stacklevel=2)
                 self._warned = True
             self.record.skipped_steps += 1
-            return torch.zeros_like(latents).detach()
+            return torch.zeros_like(total)
         self.record.guided_steps += 1
         return total.detach()
