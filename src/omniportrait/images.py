@@ -18,7 +18,6 @@ or with a side below :data:`MIN_SIDE`.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Union
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from omniportrait.errors import ConfigError, InvalidImageError
+from omniportrait.files import atomic_write
 
 __all__ = ["MAX_PIXELS", "MIN_SIDE", "ImageSource", "load_image", "save_image_atomic"]
 
@@ -70,17 +70,8 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike, **save_kwargs
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:
         raise ConfigError(f"cannot tell the image format of '{path}'; use a .png, .jpg or .webp file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format=image_format, **save_kwargs)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as stream:
+        image.save(stream, format=image_format, **save_kwargs)
     return path
 
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from omniportrait.errors import ClassWordError, ConfigError
+from omniportrait.files import write_json_atomic
 from omniportrait.guidance.config import RBGuidanceConfig
 from omniportrait.pipelines.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
@@ -225,13 +223,6 @@ def asdict_flags(args) -> dict:
     return flags
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(data, stream, indent=2)
-    os.replace(temp, path)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -260,8 +251,8 @@ def run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         sims = similarities(identities, image)
         save_image_atomic(image, path)
-        write_json_atomic(sidecar(args, pipe, identities, sources, seed, index, elapsed, sims),
-                          path.with_suffix(".json"))
+        write_json_atomic(path.with_suffix(".json"),
+                          sidecar(args, pipe, identities, sources, seed, index, elapsed, sims))
         print(f"wrote {path} ({image.width}x{image.height}) and {path.with_suffix('.json').name}", file=sys.stderr)
         for item, sim in zip(identities, sims):
             shown = "n/a (no face in the output, or no SIM backend: omniportrait[eval])" if sim is None else f"{sim:.3f}"

@@ -58,12 +58,7 @@ from omniportrait.data.filters import (
     size_reason,
 )
 from omniportrait.data.records import TrainingRecord, index_row, record_to_sample
-from omniportrait.data.shards import (
-    FolderShardWriter,
-    TarShardWriter,
-    remove_stale_temporaries,
-    write_json_atomic,
-)
+from omniportrait.data.shards import FolderShardWriter, TarShardWriter, remove_stale_temporaries
 from omniportrait.data.sources import (
     InputReadError,
     InputRef,
@@ -79,6 +74,7 @@ from omniportrait.data.sources import (
     url_table_columns,
 )
 from omniportrait.errors import ConfigError, DatasetBuildError, InvalidImageError, MissingDependencyError
+from omniportrait.files import write_json_atomic
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -388,7 +384,7 @@ def _write_build_file(output: Path, config: BuildConfig, kind: str, refs: list[I
         "shard_size": config.shard_size,
         "shards": -(-len(refs) // config.shard_size) if refs else 0,
         "plan_digest": digest,
-    })
+    }, indent=1, sort_keys=True)
 
 
 def shard_tasks(refs: list[InputRef], config: BuildConfig) -> list[ShardTask]:
@@ -467,7 +463,7 @@ def process_shard(task: ShardTask) -> dict:
         "cpu_seconds": round(time.process_time() - started_cpu, 4),
         "worker": f"{socket.gethostname()}:{os.getpid()}",
     }
-    write_json_atomic(_stats_path(output, task.index), stats)
+    write_json_atomic(_stats_path(output, task.index), stats, indent=1, sort_keys=True)
     return stats
 
 

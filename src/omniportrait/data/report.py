@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from omniportrait.data.filters import KEPT, REASONS
-from omniportrait.data.shards import write_bytes_atomic
+from omniportrait.files import write_bytes_atomic
 
 __all__ = [
     "INDEX_FILE",

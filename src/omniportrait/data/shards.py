@@ -9,7 +9,6 @@ give byte-identical shards, which is how a resumed build is checked against an u
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import tarfile
@@ -17,34 +16,16 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from omniportrait.files import TEMP_SUFFIX, make_publishable
+
 __all__ = [
     "TarShardWriter",
     "FolderShardWriter",
     "iter_tar_samples",
     "iter_folder_samples",
-    "write_bytes_atomic",
-    "write_json_atomic",
     "remove_stale_temporaries",
     "TEMP_SUFFIX",
 ]
-
-TEMP_SUFFIX = ".tmp"
-"""Ending of every temporary file or folder a writer creates (always hidden: the name starts with a dot)."""
-
-
-def _publishable(path: str | os.PathLike, is_dir: bool = False) -> None:
-    """Give a temporary file or folder the permissions a normally created one gets (``mkstemp`` makes
-    them private, which would hide the shards from the other users of a shared cluster)."""
-    os.chmod(path, (0o777 if is_dir else 0o666) & ~_UMASK)
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _current_umask()
 
 
 class TarShardWriter:
@@ -54,7 +35,7 @@ class TarShardWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle, self._temp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX)
-        _publishable(self._temp)
+        make_publishable(self._temp)
         self._stream = os.fdopen(handle, "wb")
         self._tar = tarfile.open(fileobj=self._stream, mode="w", format=tarfile.USTAR_FORMAT)
 
@@ -91,7 +72,7 @@ class FolderShardWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._temp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX))
-        _publishable(self._temp, is_dir=True)
+        make_publishable(self._temp, is_dir=True)
 
     def add(self, key: str, fields: dict[str, bytes]) -> None:
         """Write one record's files."""
@@ -144,29 +125,6 @@ def iter_folder_samples(folder: str | os.PathLike) -> Iterator[tuple[str, dict[s
     for key in sorted(groups):
         if "json" in groups[key]:
             yield key, {field: path.read_bytes() for field, path in sorted(groups[key].items())}
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        _publishable(temp)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, value) -> Path:
-    """Write ``value`` as indented, key-sorted JSON, atomically."""
-    return write_bytes_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 
 from omniportrait.evaluation.metrics import ImageMetric, MetricStatus
 from omniportrait.evaluation.prompts import CATEGORIES
+from omniportrait.files import write_text_atomic
 
 REPORT_FILES = {"markdown": "report.md", "csv": "report.csv", "json": "report.json",
                 "categories": "categories.csv", "plot": "tradeoff.png"}
@@ -234,18 +233,6 @@ def categories_csv(report: dict) -> str:
                      + [csv_value(row["values"].get(c["key"]), c) for c in columns] for row in report["categories"]])
 
 
-def write_text_atomic(text: str | bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(text.encode() if isinstance(text, str) else text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def tradeoff_png(report: dict) -> bytes:
     """Fig. 5: one point per setting, text alignment on x, identity similarity on y, labelled by setting."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -281,12 +268,12 @@ def tradeoff_png(report: dict) -> bytes:
 def write_report(report: dict, output: Path) -> dict[str, Path]:
     """Write every report file into ``output``; returns their paths by kind."""
     paths = {kind: output / name for kind, name in REPORT_FILES.items()}
-    write_text_atomic(render_markdown(report), paths["markdown"])
-    write_text_atomic(table1_csv(report), paths["csv"])
-    write_text_atomic(categories_csv(report), paths["categories"])
-    write_text_atomic(json.dumps(report, indent=2, default=str), paths["json"])
+    write_text_atomic(paths["markdown"], render_markdown(report))
+    write_text_atomic(paths["csv"], table1_csv(report))
+    write_text_atomic(paths["categories"], categories_csv(report))
+    write_text_atomic(paths["json"], json.dumps(report, indent=2, default=str))
     if report["plot"]["file"]:
-        write_text_atomic(tradeoff_png(report), paths["plot"])
+        write_text_atomic(paths["plot"], tradeoff_png(report))
     else:
         paths.pop("plot").unlink(missing_ok=True)  # a plot left by an earlier run would not match this report
     return paths

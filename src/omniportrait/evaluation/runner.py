@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from omniportrait.errors import ConfigError
+from omniportrait.files import write_json_atomic
 from omniportrait.evaluation.metrics import (
     DEFAULT_METRICS,
     ImageMetric,
@@ -190,19 +190,6 @@ def generation_key(job: Job, config: GenerationConfig, reference_sha: str) -> di
             "sweep": job.setting.describe()}
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
-    """Write JSON through a temporary file and ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def read_sidecar(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -275,9 +262,9 @@ def generate_images(jobs: list[Job], references: dict[str, Reference], workspace
             image = pipe(job.text, identities=[Identity(references[job.reference].prepared, job.class_word)],
                          generator=torch.Generator("cpu").manual_seed(job.seed), **kwargs).images[0]
             save_image_atomic(image, workspace.image_path(job))
-            write_json_atomic({"job": job.describe(), "generation": workspace.key(job), "scores": {},
-                               "score_models": {}, "elapsed_s": round(time.perf_counter() - started, 3)},
-                              workspace.sidecar_path(job))
+            record = {"job": job.describe(), "generation": workspace.key(job), "scores": {}, "score_models": {},
+                      "elapsed_s": round(time.perf_counter() - started, 3)}
+            write_json_atomic(workspace.sidecar_path(job), record)
     finally:
         del pipe
         release_memory()
@@ -327,7 +314,7 @@ def score_images(jobs: list[Job], references: dict[str, Reference], workspace: W
             for job, values in zip(batch, scores):
                 sidecars[job].setdefault("scores", {}).update(values)
                 sidecars[job].setdefault("score_models", {})[metric.name] = metric.model_name
-                write_json_atomic(sidecars[job], workspace.sidecar_path(job))
+                write_json_atomic(workspace.sidecar_path(job), sidecars[job])
             bar.update(len(batch))
             added += len(batch)
         bar.close()
@@ -436,7 +423,7 @@ def run_evaluation(config: EvalConfig, process: ProcessInfo | None = None) -> Ev
     sets = set_scores(records, settings, references, workspace, statuses)
     report = build_report(config, settings, references, skipped, statuses, records, sets, len(jobs))
     written = write_report(report, config.output)
-    write_json_atomic(config_record(config), config.output / CONFIG_FILE)
+    write_json_atomic(config.output / CONFIG_FILE, config_record(config))
     return EvaluationResult(report, written, generated, skipped)
 
 

@@ -16,7 +16,8 @@ How one image is analysed (:meth:`MediaPipeFaceAnalyzer.analyze`):
    or what the optional :class:`~omniportrait.faces.base.FaceParser` returns.
 5. The person box is the bounding box of the connected region of the selfie-segmentation mask
    (``model_selection=0``, probability > :data:`PERSON_THRESHOLD`) that holds the face's centre (or,
-   failing that, most of the face box), joined with the face box. People who touch in the image share
+   failing that, most of the face box), as segmented: it is not grown to hold the face box, so the
+   dataset's "person box encloses face box" filter keeps its meaning. People who touch in the image share
    one region and so one person box. ``None`` when no region overlaps the face.
 """
 
@@ -314,20 +315,13 @@ def _centre_inside(landmarks: np.ndarray, box: Box) -> bool:
 
 
 def _person_box(people: _People | None, face_box: Box, scale: float, size: tuple[int, int]) -> Box | None:
-    """Bounding box (original frame) of the person region holding the face, joined with the face box."""
+    """Bounding box (original frame) of the person region holding the face, as segmented."""
     if people is None:
         return None
     label = _person_label(people.labels, tuple(v * scale for v in face_box))
     if label == 0:
         return None
-    region = tuple(v / scale for v in people.box(label))
-    joined = (
-        min(region[0], face_box[0]),
-        min(region[1], face_box[1]),
-        max(region[2], face_box[2]),
-        max(region[3], face_box[3]),
-    )
-    return _clip_box(joined, size)
+    return _clip_box(tuple(v / scale for v in people.box(label)), size)
 
 
 def _person_label(labels: np.ndarray, box: Box) -> int:
