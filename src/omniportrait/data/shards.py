@@ -91,6 +91,15 @@ class FolderShardWriter:
         shutil.rmtree(self._temp, ignore_errors=True)
 
 
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """webdataset naming: ``dir/KEY.FIELD`` -> ``("dir/KEY", "FIELD")``; ``None`` for hidden or field-less names."""
+    folder, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return None
+    stem, field = base.split(".", 1)
+    return (f"{folder}/{stem}" if folder else stem), field
+
+
 def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {field: bytes})`` for each sample of a tar, consecutive members grouped by key."""
     key, fields = None, {}
@@ -98,11 +107,10 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, b
         for info in tar:
             if not info.isfile():
                 continue
-            folder, _, base = info.name.rpartition("/")
-            if "." not in base or base.startswith("."):
+            parsed = split_member_name(info.name)
+            if parsed is None:
                 continue
-            stem, field = base.split(".", 1)
-            member_key = f"{folder}/{stem}" if folder else stem
+            member_key, field = parsed
             if member_key != key and fields:
                 yield key, fields
                 fields = {}

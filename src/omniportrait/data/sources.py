@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from omniportrait.data.shards import split_member_name
 from omniportrait.errors import ConfigError, MissingDependencyError
 
 __all__ = [
@@ -232,11 +233,10 @@ def _group_members(tar: tarfile.TarFile) -> list[tuple[str, dict[str, tuple[int,
     for info in tar:
         if not info.isfile():
             continue
-        folder, _, base = info.name.rpartition("/")
-        if "." not in base or base.startswith("."):
+        parsed = split_member_name(info.name)
+        if parsed is None:
             continue
-        stem, field = base.split(".", 1)
-        key = f"{folder}/{stem}" if folder else stem
+        key, field = parsed
         if not groups or groups[-1][0] != key:
             groups.append((key, {}))
         groups[-1][1][field.lower()] = (info.offset_data, info.size)
