@@ -17,20 +17,13 @@ from omniportrait.training.config import TrainConfig
 EXAMPLE = "omniportrait train --data records/ --preset sd15 --output runs/pie --max-steps 80000 [--resume]"
 
 
-def _base_type(annotation: str):
-    """The element type of a field annotation such as ``int | None`` or ``tuple[str, ...]``."""
-    hints = typing.get_type_hints(TrainConfig)
-    return hints[annotation]
-
-
-def _flag_kwargs(name: str, default) -> dict:
-    kind = _base_type(name)
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    origin = typing.get_origin(kind)
+def argument_kwargs(name: str) -> dict:
+    """``add_argument`` keywords for the :class:`TrainConfig` field ``name`` from its annotation."""
+    kind = typing.get_type_hints(TrainConfig)[name]
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
-    if origin in (typing.Union, types.UnionType):
-        kind = args[0]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
     if typing.get_origin(kind) is tuple:
         return {"nargs": "+", "type": str}
     return {"type": kind}
@@ -47,10 +40,10 @@ def add_parser(subparsers) -> None:
         help_text = item.metadata.get("help", "")
         required = item.default is MISSING and item.default_factory is MISSING
         default = None if required else (item.default if item.default is not MISSING else item.default_factory())
-        kwargs = _flag_kwargs(item.name, default)
+        kwargs = argument_kwargs(item.name)
         if not required:
             kwargs["default"] = default
-            help_text += f" (default: {default})" if kwargs.get("action") is None else ""
+            help_text += f" (default: {default})" if kwargs.get("action") is None and default is not None else ""
         p.add_argument(flag, dest=item.name, required=required, help=help_text, **kwargs)
     p.set_defaults(run=run)
 
@@ -64,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args).validate()
     result = train(config)
-    print(f"trained {result.step} steps; pivot encoder in {result.pivot_encoder} "
-          f"(use it with: omniportrait generate --pivot-encoder {result.pivot_encoder})", file=sys.stderr)
+    if result.main_process:
+        print(f"trained {result.step} steps; pivot encoder in {result.pivot_encoder} "
+              f"(use it with: omniportrait generate --pivot-encoder {result.pivot_encoder})", file=sys.stderr)
     return 0
