@@ -2,6 +2,7 @@
 
 import torch
 
+from omniportrait.guidance import RBGuidanceConfig
 from omniportrait.pipelines import Identity
 from tests.conftest import max_abs_diff
 from tests.conftest import build
@@ -27,7 +28,8 @@ def capture_text_states(pipe, **kwargs):
         lambda module, args, kwargs: states.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
     )
     try:
-        pipe(PROMPT, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs)
+        pipe(PROMPT, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="latent",
+             rb_guidance=RBGuidanceConfig(enabled=False), **kwargs)
     finally:
         handle.remove()
     return states[0]
