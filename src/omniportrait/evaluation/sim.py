@@ -15,6 +15,8 @@ lower), so SIM is only comparable within one backend; the report names it.
 
 from __future__ import annotations
 
+import abc
+
 import functools
 import importlib.util
 import os
@@ -54,7 +56,7 @@ class MediaPipeLargestFace:
         return max((d.box for d in detections), key=box_area, default=None)
 
 
-class FaceEmbedder:
+class FaceEmbedder(abc.ABC):
     """Embeds the largest face of an image; subclasses implement :meth:`embed_face`."""
 
     name: str = ""
@@ -71,8 +73,9 @@ class FaceEmbedder:
         vector = np.asarray(self.embed_face(image, box), dtype=np.float64)
         return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
+    @abc.abstractmethod
     def embed_face(self, image: Image.Image, box: Box) -> np.ndarray:
-        raise NotImplementedError
+        """The raw embedding of the face inside ``box``."""
 
 
 def face_recognition_models_dir() -> Path:

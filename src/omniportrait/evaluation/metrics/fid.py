@@ -17,6 +17,8 @@ samples); with fewer the value is ``None`` and the report prints "n/a".
 
 from __future__ import annotations
 
+import abc
+
 import importlib.util
 import os
 from pathlib import Path
@@ -55,11 +57,13 @@ def batches(items: Sequence, size: int = BATCH_SIZE):
 class FidMetric(SetMetric):
     """Shared Fréchet-distance computation; subclasses provide :meth:`new_metric` and :meth:`features_input`."""
 
+    @abc.abstractmethod
     def new_metric(self):
-        raise NotImplementedError
+        """A fresh torchmetrics Fréchet-distance object."""
 
+    @abc.abstractmethod
     def features_input(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        raise NotImplementedError
+        """What :meth:`new_metric`'s object takes for ``images``."""
 
     def score_set(self, generated: Sequence[Image.Image], references: Sequence[Image.Image]) -> Scores:
         key = self.columns[0].key
