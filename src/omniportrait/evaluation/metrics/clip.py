@@ -100,8 +100,8 @@ def describe_model(model_id: str) -> str:
     return model_id
 
 
-class ClipMetric(ImageMetric):
-    """Shared loading for the CLIP metrics."""
+class ClipBacked:
+    """Lazy loading of a CLIP backbone, shared by the CLIP metrics and FID-CLIP; ``recipe`` names the use."""
 
     recipe = ""
 
@@ -121,6 +121,10 @@ class ClipMetric(ImageMetric):
         if self.clip is None:
             self.load()
         return self.clip
+
+
+class ClipMetric(ClipBacked, ImageMetric):
+    """A per-image metric on a CLIP backbone."""
 
 
 class ClipTextScore(ClipMetric):

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from omniportrait.evaluation.metrics.base import Column, MetricUnavailable, Scores, SetMetric
-from omniportrait.evaluation.metrics.clip import DEFAULT_CLIP_MODEL, ClipBackbone, describe_model, load_clip
+from omniportrait.evaluation.metrics.clip import ClipBackbone, ClipBacked
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_SIZE = 299
@@ -133,30 +133,17 @@ class ClipFeatures(torch.nn.Module):
         return self.clip.model.visual_projection(pooled).float()
 
 
-class ClipFID(FidMetric):
+class ClipFID(ClipBacked, FidMetric):
     """Fréchet distance on CLIP image embeddings ("FID-CLIP"; not comparable with Inception FID)."""
 
     name = "FID-CLIP"
     columns = (Column("fid_clip", "FID-CLIP", higher_is_better=False),)
-
-    def __init__(self, model_id: str = DEFAULT_CLIP_MODEL, device: str = "cpu") -> None:
-        self.model_id = model_id
-        self.device = device
-        self.clip: ClipBackbone | None = None
-
-    @property
-    def model_name(self) -> str:
-        return f"{describe_model(self.model_id)}; Fréchet distance of CLIP image embeddings (not the paper's FID)"
-
-    def load(self) -> None:
-        self.clip = load_clip(self.model_id, self.device)
+    recipe = "Fréchet distance of CLIP image embeddings (not the paper's FID)"
 
     def new_metric(self):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        if self.clip is None:
-            self.load()
-        return FrechetInceptionDistance(feature=ClipFeatures(self.clip), sync_on_compute=False).to(self.device)
+        return FrechetInceptionDistance(feature=ClipFeatures(self.backbone()), sync_on_compute=False).to(self.device)
 
     def features_input(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.clip.pixel_values(images)
