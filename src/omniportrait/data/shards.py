@@ -100,17 +100,19 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), field
 
 
+def iter_named_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """``(info, key, field)`` for each regular, webdataset-named member of an open tar, in order."""
+    for info in tar:
+        parsed = split_member_name(info.name) if info.isfile() else None
+        if parsed is not None:
+            yield info, *parsed
+
+
 def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {field: bytes})`` for each sample of a tar, consecutive members grouped by key."""
     key, fields = None, {}
     with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            parsed = split_member_name(info.name)
-            if parsed is None:
-                continue
-            member_key, field = parsed
+        for info, member_key, field in iter_named_members(tar):
             if member_key != key and fields:
                 yield key, fields
                 fields = {}

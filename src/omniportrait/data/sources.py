@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from omniportrait.data.shards import split_member_name
+from omniportrait.data.shards import iter_named_members
 from omniportrait.errors import ConfigError, MissingDependencyError
 
 __all__ = [
@@ -230,13 +230,7 @@ def _plan_one_tar(path: str) -> list[InputRef]:
 def _group_members(tar: tarfile.TarFile) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """``[(key, {field: (offset, size)})]`` for the regular files of a tar, in order."""
     groups: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    for info in tar:
-        if not info.isfile():
-            continue
-        parsed = split_member_name(info.name)
-        if parsed is None:
-            continue
-        key, field = parsed
+    for info, key, field in iter_named_members(tar):
         if not groups or groups[-1][0] != key:
             groups.append((key, {}))
         groups[-1][1][field.lower()] = (info.offset_data, info.size)
