@@ -91,6 +91,28 @@ def test_separate_feature_pass_gives_the_same_guidance(tiny_pipe, astronaut_refe
     assert np.abs(fused.images - lean.images).max() < 1e-3
 
 
+def test_gradient_interval_adds_the_last_gradient_between_recomputations(tiny_pipe, astronaut_reference):
+    guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference,
+                                               config=RBGuidanceConfig(gradient_interval=2))
+    t = torch.tensor(400)
+    guidance.noise(latents, t, 0, cond, 7.5)
+    gradient = guidance.last_gradient
+    reused = guidance.noise(latents, t, 1, cond, 7.5)
+    plain = guidance.plain_noise(latents, t, cond, 7.5)
+    assert gradient.abs().max() > 0
+    assert torch.allclose(reused, plain + gradient, atol=1e-6)
+    guidance.noise(0.9 * latents, t, 2, cond, 7.5)
+    assert not torch.equal(guidance.last_gradient, gradient)
+    assert (guidance.record.guided_steps, guidance.record.reused_steps) == (2, 1)
+
+
+def test_gradient_interval_counts_backward_passes_over_a_generation(tiny_pipe, astronaut_reference):
+    every = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(start=1.0))
+    third = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(start=1.0, gradient_interval=3))
+    assert (every.guidance.record.guided_steps, every.guidance.record.reused_steps) == (6, 0)
+    assert (third.guidance.record.guided_steps, third.guidance.record.reused_steps) == (2, 4)
+
+
 def test_half_precision_gradient_does_not_underflow(astronaut_reference):
     from tests.conftest import build
 

@@ -66,6 +66,8 @@ def add_guidance_arguments(p) -> None:
     g.add_argument("--no-background-mask", action="store_true", help="do not mask the gradient by M_gen (eq. 9)")
     g.add_argument("--rb-feature-pass", choices=("cfg", "separate"), default=d.feature_pass,
                    help="cfg: features from the CFG pass (fast); separate: lean extra pass (less memory)")
+    g.add_argument("--rb-interval", type=int, default=d.gradient_interval, metavar="N",
+                   help="recompute the guidance gradient every N-th guided step, reuse it in between (paper: 1)")
     g.add_argument("--save-masks", default=None, metavar="DIR", help="write M_gen, M_ref and matches as PNGs")
 
 
@@ -75,6 +77,7 @@ def guidance_config(args) -> RBGuidanceConfig:
         dift_ensemble=args.dift_ensemble, dift_block=args.dift_block, reduction=args.rb_reduction,
         mask_iterations=args.mask_iterations, mask_power=args.mask_power, mask_threshold=args.mask_threshold,
         background_masking=not args.no_background_mask, feature_pass=args.rb_feature_pass,
+        gradient_interval=args.rb_interval,
     )
 
 
@@ -214,7 +217,8 @@ def asdict_flags(args) -> dict:
     names = {"strength": "--rb-strength", "start": "--rb-start", "ref_timestep": "--ref-timestep",
              "dift_ensemble": "--dift-ensemble", "dift_block": "--dift-block", "reduction": "--rb-reduction",
              "mask_iterations": "--mask-iterations", "mask_power": "--mask-power",
-             "mask_threshold": "--mask-threshold", "feature_pass": "--rb-feature-pass"}
+             "mask_threshold": "--mask-threshold", "feature_pass": "--rb-feature-pass",
+             "gradient_interval": "--rb-interval"}
     flags = {flag: getattr(chosen, name) for name, flag in names.items() if getattr(chosen, name) != getattr(defaults, name)}
     if not chosen.enabled:
         flags["--no-rb"] = True

@@ -26,6 +26,8 @@ class RBGuidanceConfig:
         background_masking: multiply the gradient by ``M_gen`` (eq. 9).
         feature_pass: ``cfg`` takes features from the CFG pass run with grad (fastest, most memory);
             ``separate`` runs the CFG pass without grad and a conditional pass stopped after the DIFT block.
+        gradient_interval: recompute ``∇E`` on every N-th guided step and add the last one on the steps between
+            (1, the paper: every guided step; N cuts the backward passes to about 1/N).
         ref_prompt: prompt for the reference features; ``{word}`` is the identity's class word.
         ref_seed: seed of the reference noises.
     """
@@ -43,6 +45,7 @@ class RBGuidanceConfig:
     attention_divisor: int = 4
     background_masking: bool = True
     feature_pass: str = "cfg"
+    gradient_interval: int = 1
     ref_prompt: str = "a photo of a {word}"
     ref_seed: int = 0
 
@@ -55,6 +58,8 @@ class RBGuidanceConfig:
             raise ConfigError(f"rb feature pass must be one of {FEATURE_PASSES}, got {self.feature_pass!r}")
         if not 0.0 <= self.start <= 1.0:
             raise ConfigError(f"rb start u must be in [0, 1], got {self.start}")
+        if self.gradient_interval < 1:
+            raise ConfigError(f"rb gradient interval must be >= 1, got {self.gradient_interval}")
         if self.dift_ensemble < 1 or self.mask_iterations < 0:
             raise ConfigError("dift ensemble must be >= 1 and mask iterations >= 0")
         if not 0 <= self.ref_timestep < 1000:

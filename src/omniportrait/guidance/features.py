@@ -12,23 +12,29 @@ class StopForward(Exception):
 
 
 @contextmanager
-def capture_features(unet, block: int, rows: slice | None = None, stop: bool = False):
+def capture_features(unet, block: int, rows: slice | None = None, stop: bool = False, grad_after: bool = True):
     """Yield a list that receives ``up_blocks[block]``'s output (selected rows) on each UNet call.
 
-    With ``stop=True`` the forward ends right after that block (catch :class:`StopForward`).
+    With ``stop=True`` the forward ends right after that block (catch :class:`StopForward`). With
+    ``grad_after=False`` the rest of the forward runs without autograd: the blocks after the features build no
+    graph, so their activations are not kept for a backward pass that never reaches them.
     """
     captured: list[torch.Tensor] = []
+    grad_mode = torch.is_grad_enabled()
 
     def hook(module, inputs, output):
         captured.append(output if rows is None else output[rows])
         if stop:
             raise StopForward
+        if not grad_after:
+            torch.set_grad_enabled(False)
 
     handle = unet.up_blocks[block].register_forward_hook(hook)
     try:
         yield captured
     finally:
         handle.remove()
+        torch.set_grad_enabled(grad_mode)
 
 
 def features_only(unet, block: int, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):

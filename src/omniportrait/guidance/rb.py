@@ -45,6 +45,7 @@ class StepRecord:
     correspondences: list[list[Correspondence]] = field(default_factory=list)
     feature_size: tuple[int, int] | None = None
     guided_steps: int = 0
+    reused_steps: int = 0
     skipped_steps: int = 0
     energies: list[float] = field(default_factory=list)
     gradients: list[torch.Tensor] = field(default_factory=list)
@@ -68,6 +69,8 @@ class ReferenceGuidance:
         self.references = [self.reference_features(item, min(height, width)) for item in bound]
         self.store = self.attention_store(rows=slice(num_images, 2 * num_images))
         self.record = StepRecord()
+        self.active_steps = 0
+        self.last_gradient: torch.Tensor | None = None
         self._warned = False
 
     # ----- setup ------------------------------------------------------------------------------------------
@@ -97,18 +100,28 @@ class ReferenceGuidance:
 
     # ----- per step -----------------------------------------------------------------------------------------
     def noise(self, latents, t, step_index: int, cond, guidance_scale: float) -> torch.Tensor:
-        """Eq. 11: plain CFG above ``t̂`` (attention still recorded for the mask), guided CFG below."""
+        """Eq. 11: plain CFG above ``t̂`` (attention still recorded for the mask), guided CFG below.
+
+        Below ``t̂`` the gradient is recomputed on every ``gradient_interval``-th step and reused in between.
+        """
         self.store.clear()
         if not self.config.active_at(int(t), self.pipe.scheduler.config.num_train_timesteps):
-            with torch.no_grad(), record_attention(self.pipe.unet, self.store):
-                noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
-            self.store.accumulate()
-            return noise
+            return self.plain_noise(latents, t, cond, guidance_scale)
+        self.active_steps += 1
+        if (self.active_steps - 1) % self.config.gradient_interval:
+            self.record.reused_steps += 1
+            return self.plain_noise(latents, t, cond, guidance_scale) + self.last_gradient.to(latents.dtype)
         return self.guided_noise(latents, t, cond, guidance_scale)
 
+    def plain_noise(self, latents, t, cond, guidance_scale: float) -> torch.Tensor:
+        with torch.no_grad(), record_attention(self.pipe.unet, self.store):
+            noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
+        self.store.accumulate()
+        return noise
+
     def guided_noise(self, latents, t, cond, guidance_scale: float) -> torch.Tensor:
-        noise, gradient = self.noise_and_gradient(latents, t, cond, guidance_scale)
-        return noise + gradient.to(noise.dtype)
+        noise, self.last_gradient = self.noise_and_gradient(latents, t, cond, guidance_scale)
+        return noise + self.last_gradient.to(noise.dtype)
 
     def noise_and_gradient(self, latents, t, cond, guidance_scale: float, masks: torch.Tensor | None = None):
         """``(ε_cfg, Σ_i M_gen,i ⊙ ∇E_i)`` at ``z_t``; ``masks`` fixes ``M_gen`` instead of computing it."""
@@ -117,7 +130,7 @@ class ReferenceGuidance:
         with torch.enable_grad():
             if self.config.feature_pass == "cfg":
                 with record_attention(self.pipe.unet, self.store), \
-                        capture_features(self.pipe.unet, self.block, rows) as captured:
+                        capture_features(self.pipe.unet, self.block, rows, grad_after=False) as captured:
                     noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
                 features = captured[0]
             else:

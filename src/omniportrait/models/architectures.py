@@ -1,6 +1,7 @@
 """Real SD1.5 and SDXL architectures with random weights, built from configs (no download).
 
-Speed and memory do not depend on weight values, so these give the real cost of our pipelines on a GPU.
+Speed and memory do not depend on weight values, so these give the real cost of our pipelines
+(``omniportrait bench --models random-sd15 random-sdxl``).
 Shapes follow the published model configs: SD1.5 UNet 860M (320-640-1280-1280, text width 768), SDXL UNet
 2.6B (320-640-1280, transformer depth 1-2-10, text width 2048), the KL VAE, CLIP-L (and OpenCLIP bigG for
 SDXL) text encoders, and a ViT-L/14 Pivot ID Encoder. The tokenizer is the tiny offline one.

@@ -1,0 +1,126 @@
+"""FLOPs and activation bytes of one guided step on the real SD1.5 / SDXL UNets, counted on the meta device.
+
+No compute runs: the UNets are built on ``meta`` in fp16, so this takes seconds on any CPU and says what each
+way of taking the RB-Guidance gradient costs before a GPU is at hand. The variants use the pipeline's own
+feature capture (:mod:`omniportrait.guidance.features`):
+
+    plain          CFG batch-2 forward without grad (one plain sampling step)
+    cfg-full-graph CFG forward with grad through the whole UNet, backward from the DIFT features
+    cfg            as shipped: CFG forward with grad up to the DIFT block only (no graph after it), backward
+    separate       plain + a batch-1 conditional forward with grad stopped after the DIFT block, backward
+
+FLOPs come from ``torch.utils.flop_counter`` (matmul, conv, attention; elementwise ops are not counted).
+"Saved" is the bytes autograd keeps for the backward, parameters excluded, deduplicated by storage; it is not
+the peak (weights, live activations and backward scratch come on top). Attention is routed through the flash
+kernel that CUDA picks in fp16, which keeps q, k, v, the output and the log-sum-exp, not the (hw)² matrix.
+
+    python benchmarks/count_guidance.py [--steps 50] [--start 0.6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import torch
+import torch.nn.functional as F
+from diffusers.utils import logging as diffusers_logging
+from torch.utils.flop_counter import FlopCounterMode
+
+from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK
+from omniportrait.guidance.features import capture_features, features_only
+from omniportrait.models.architectures import sd15_unet, sdxl_unet
+
+ARCHS = {"sd15": (sd15_unet, 64, 768), "sdxl": (sdxl_unet, 128, 2048)}  # builder, latent side, text width
+VARIANTS = ("plain", "cfg-full-graph", "cfg", "separate")
+sdpa = F.scaled_dot_product_attention
+
+
+def flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """SDPA as CUDA runs it in fp16 (flash kernel), so the saved tensors are the GPU's."""
+    if attn_mask is not None or kwargs:
+        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    **kwargs)
+    return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                              scale=scale)[0]
+
+
+class SavedBytes:
+    """A pack hook summing the storages autograd saves, each once, parameters excluded."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.skip = {tensor.untyped_storage()._cdata for tensor in [*module.parameters(), *module.buffers()]}
+        self.storages: dict[int, int] = {}
+        self.alive: list[torch.Tensor] = []  # keeps storage ids from being reused while counting
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.skip:
+            self.storages[storage._cdata] = storage.nbytes()
+            self.alive.append(tensor)
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def unet_inputs(arch: str, batch: int, latent: int, width: int) -> dict:
+    def randn(*shape):
+        return torch.randn(*shape, device="meta", dtype=torch.float16)
+
+    added = {"text_embeds": randn(batch, 1280), "time_ids": randn(batch, 6)} if arch == "sdxl" else None
+    return dict(sample=randn(batch, 4, latent, latent), timestep=torch.tensor(500, device="meta"),
+                encoder_hidden_states=randn(batch, 77, width), added_cond_kwargs=added)
+
+
+def count_step(unet, arch: str, variant: str, latent: int, width: int) -> tuple[float, int]:
+    """(FLOPs, saved bytes) of one sampling step in ``variant``."""
+    block, saved = DEFAULT_DIFT_BLOCK[arch], SavedBytes(unet)
+    forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)  # one mode per pass
+    with forward:
+        if variant in ("plain", "separate"):
+            with torch.no_grad():
+                unet(**unet_inputs(arch, 2, latent, width))
+        if variant == "plain":
+            return forward.get_total_flops(), 0
+        inputs = unet_inputs(arch, 1 if variant == "separate" else 2, latent, width)
+        sample = inputs.pop("sample").requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor):
+            if variant == "separate":
+                features = features_only(unet, block, sample, **inputs)
+            else:
+                with capture_features(unet, block, grad_after=variant == "cfg-full-graph") as captured:
+                    unet(sample, **inputs)
+                features = captured[0]
+    with backward, torch.enable_grad():
+        torch.autograd.grad(features[-1].float().mean(), sample)
+    return forward.get_total_flops() + backward.get_total_flops(), saved.total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--start", type=float, default=0.6, help="u: share of the steps that are guided")
+    args = parser.parse_args()
+    guided = round(args.steps * args.start)
+    diffusers_logging.set_verbosity_error()  # the fp16 cast notice concerns loading weights; there are none
+    F.scaled_dot_product_attention = flash_attention
+    for arch, (build, latent, width) in ARCHS.items():
+        with torch.device("meta"):
+            unet = build().to(torch.float16).eval().requires_grad_(False)
+        print(f"\n{arch} latent {latent}x{latent}, fp16, DIFT up_blocks[{DEFAULT_DIFT_BLOCK[arch]}]; "
+              f"ratios over {args.steps} steps with {guided} guided (every step / every 2nd recomputed)")
+        print(f"{'variant':16s} {'TFLOP/step':>10s} {'x plain':>8s} {'saved GiB':>10s} {'50-step x':>10s} "
+              f"{'interval 2':>10s}")
+        plain = None
+        for variant in VARIANTS:
+            flops, saved = count_step(unet, arch, variant, latent, width)
+            plain = plain or flops
+            every = ((args.steps - guided) * plain + guided * flops) / (args.steps * plain)
+            recomputed = (guided + 1) // 2
+            half = ((args.steps - recomputed) * plain + recomputed * flops) / (args.steps * plain)
+            print(f"{variant:16s} {flops / 1e12:10.3f} {flops / plain:8.2f} {saved / 2**30:10.2f} {every:10.2f} "
+                  f"{half:10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Wall time and peak memory of our pipelines against diffusers' plain pipeline, measured side by side.
+
+Every variant runs on the same components, prompt, size, seed and number of steps, in one process, one after
+the other; ratios are against diffusers' plain pipeline of the same run. Models: the tiny presets (CPU) and the
+real SD1.5 / SDXL architectures with random weights (``random-*``, :mod:`omniportrait.models.architectures`;
+speed and memory do not depend on weight values). Peak memory is CUDA's allocator peak, reported on CUDA only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from omniportrait.errors import ConfigError
+from omniportrait.guidance import RBGuidanceConfig
+
+PROMPT = "a photo of a woman riding a bicycle"
+PLAIN = "diffusers plain"
+
+# name -> guidance of our pipeline; PLAIN is diffusers' own pipeline on the same components
+VARIANTS: dict[str, RBGuidanceConfig | None] = {
+    PLAIN: None,
+    "rb-off": RBGuidanceConfig(enabled=False),
+    "rb-cfg": RBGuidanceConfig(),
+    "rb-separate": RBGuidanceConfig(feature_pass="separate"),
+    "rb-cfg-interval-2": RBGuidanceConfig(gradient_interval=2),
+    "rb-separate-interval-2": RBGuidanceConfig(feature_pass="separate", gradient_interval=2),
+}
+MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "random-sd15": ("sd15", 512),
+          "random-sdxl": ("sdxl", 1024)}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One model's benchmark: which model, how many steps, how often each variant is timed."""
+
+    model: str
+    steps: int = 50
+    repeats: int = 3
+    size: int | None = None  # None: 64 for tiny models, 512 for SD1.5, 1024 for SDXL
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    guidance_scale: float = 7.5
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown benchmark model {self.model!r}; use one of {', '.join(MODELS)}")
+        unknown = [name for name in self.variants if name not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown benchmark variant {unknown[0]!r}; use any of {', '.join(VARIANTS)}")
+        if self.steps < 1 or self.repeats < 1:
+            raise ConfigError("benchmark steps and repeats must be at least 1")
+
+    @property
+    def arch(self) -> str:
+        return MODELS[self.model][0]
+
+    @property
+    def resolution(self) -> int:
+        return self.size or MODELS[self.model][1]
+
+    @property
+    def guided_steps(self) -> int:
+        """Steps with ``t <= u·T`` under the default schedule, for the report."""
+        return round(self.steps * RBGuidanceConfig().start)
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    variant: str
+    seconds: float
+    ratio: float
+    peak_gib: float | None
+
+
+def model_components(model: str, device: torch.device, dtype: torch.dtype) -> tuple[dict, object]:
+    """Pipeline components and a Pivot ID Encoder for ``model``, on ``device`` in ``dtype``."""
+    arch = MODELS[model][0]
+    if model.startswith("tiny-"):
+        from omniportrait.models.tiny import tiny_components
+
+        tiny = tiny_components(arch)
+        parts, pivot_encoder = dict(tiny.components), tiny.pivot_encoder
+        for module in [*parts.values(), pivot_encoder]:
+            if isinstance(module, torch.nn.Module):
+                module.to(device, dtype)
+        return parts, pivot_encoder
+    from omniportrait.models.architectures import real_components
+
+    return real_components(arch, dtype=dtype, device=str(device))
+
+
+def timed(call: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float | None]:
+    """Best wall time over ``repeats`` after one warm-up call, and the CUDA peak in GiB (None off CUDA)."""
+    call()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best, (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+
+
+def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, device) -> dict[str, Callable]:
+    """One zero-argument call per requested variant; all share components, prompt, size, seed and steps."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from omniportrait.pipelines import Identity
+    from omniportrait.pipelines.loading import PIPELINE_CLASSES
+
+    plain_class = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[config.arch]
+    plain = plain_class(**parts).to(device)
+    ours = PIPELINE_CLASSES[config.arch](**parts, pivot_encoder=pivot_encoder).to(device)
+    for pipe in (plain, ours):
+        pipe.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                  height=config.resolution, width=config.resolution, output_type="latent")
+    identities = [Identity(reference, "woman")]
+
+    def call(guidance: RBGuidanceConfig | None) -> Callable:
+        generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        if guidance is None:
+            return lambda: plain(PROMPT, **common, generator=generator())
+        return lambda: ours(PROMPT, identities, **common, generator=generator(), rb_guidance=guidance)
+
+    names = [PLAIN, *[name for name in config.variants if name != PLAIN]]
+    return {name: call(VARIANTS[name]) for name in names}
+
+
+def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: torch.dtype,
+                  on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
+    """Time diffusers' plain pipeline first, then each variant; ``on_row`` sees each row as it is measured."""
+    parts, pivot_encoder = model_components(config.model, device, dtype)
+    calls = variant_calls(config, parts, pivot_encoder, reference, device)
+    rows: list[BenchRow] = []
+    with torch.no_grad():
+        for name, call in calls.items():
+            seconds, peak = timed(call, config.repeats, device)
+            base = rows[0].seconds if rows else seconds
+            rows.append(BenchRow(name, seconds, seconds / base, peak))
+            if on_row is not None:
+                on_row(rows[-1])
+    return rows
+
+
+def table_header(config: BenchConfig, device: torch.device, dtype: torch.dtype) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return (f"{config.model} {config.resolution}x{config.resolution}, {config.steps} steps "
+            f"({config.guided_steps} guided), {name}, {str(dtype).removeprefix('torch.')}\n"
+            f"{'variant':26s} {'seconds':>9s} {'x plain':>8s} {'peak GiB':>9s}")
+
+
+def format_row(row: BenchRow) -> str:
+    peak = f"{row.peak_gib:9.2f}" if row.peak_gib is not None else f"{'n/a':>9s}"
+    return f"{row.variant:26s} {row.seconds:9.3f} {row.ratio:8.2f} {peak}"

@@ -1,0 +1,73 @@
+"""``omniportrait bench``: wall time and peak memory of each guidance variant against diffusers' plain pipeline.
+
+See benchmarks/README.md for measured tables and what each optimisation bought.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+
+from omniportrait.benchmark import MODELS, VARIANTS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time our pipelines against diffusers' plain pipeline, side by side",
+        description="Wall time (best of --repeats after a warm-up) and CUDA peak memory of diffusers' plain "
+                    "pipeline, ours with RB-Guidance off, and the full method in each variant, on the same "
+                    "components, prompt, seed and steps, in one run. Prints ratios to plain.",
+    )
+    p.add_argument("--reference", required=True, help="face photo for the identity, e.g. examples/astronaut.jpg")
+    p.add_argument("--models", nargs="+", default=None, choices=list(MODELS), metavar="MODEL",
+                   help=f"any of {', '.join(MODELS)} (default: the tiny models, and the random-weight real "
+                        "architectures when CUDA is available)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"any of {', '.join(VARIANTS)} (default: all; '{next(iter(VARIANTS))}' is always run)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50, the paper's)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant after one warm-up (best is kept)")
+    p.add_argument("--size", type=int, default=None, help="image side (default: 64 tiny, 512 SD1.5, 1024 SDXL)")
+    p.add_argument("--device", default="auto", help="device of the random-* models: auto, cpu, cuda, cuda:N; "
+                                                    "tiny models always run on the CPU")
+    p.add_argument("--dtype", default="auto", help="dtype of the random-* models (auto: fp16 on CUDA, else fp32)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON")
+    p.set_defaults(run=run)
+
+
+def default_models(cuda: bool) -> list[str]:
+    return [name for name in MODELS if name.startswith("tiny-") or cuda]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from omniportrait.benchmark import BenchConfig, format_row, run_benchmark, table_header
+    from omniportrait.faces import prepare_reference
+    from omniportrait.files import write_json_atomic
+    from omniportrait.images import load_image
+    from omniportrait.pipelines.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    configs = [BenchConfig(model, args.steps, args.repeats, args.size, tuple(args.variants))
+               for model in args.models or default_models(device.type == "cuda")]
+    reference = prepare_reference(load_image(args.reference))
+    report = []
+    for config in configs:
+        tiny = config.model.startswith("tiny-")
+        model_device = torch.device("cpu") if tiny else device
+        dtype = torch.float32 if tiny else resolve_dtype(args.dtype, device)
+        if not tiny and device.type == "cpu":
+            warnings.warn(f"{config.model} on the CPU takes minutes per step; use --steps 2 or a GPU", stacklevel=1)
+        print(table_header(config, model_device, dtype), flush=True)
+        rows = run_benchmark(config, reference, model_device, dtype,
+                             on_row=lambda row: print(format_row(row), flush=True))
+        print(flush=True)
+        report.append({"model": config.model, "size": config.resolution, "steps": config.steps,
+                       "guided_steps": config.guided_steps, "repeats": config.repeats,
+                       "device": torch.cuda.get_device_name(model_device) if model_device.type == "cuda" else "cpu",
+                       "dtype": str(dtype).removeprefix("torch."),
+                       "rows": [dataclasses.asdict(row) for row in rows]})
+    if args.json:
+        write_json_atomic(args.json, report)
+    return 0
