@@ -18,7 +18,7 @@ from omniportrait.errors import ConfigError
 from omniportrait.guidance import RBGuidanceConfig
 
 PROMPT = "a photo of a woman riding a bicycle"
-PLAIN = "diffusers plain"
+PLAIN = "diffusers-plain"
 
 # name -> guidance of our pipeline; PLAIN is diffusers' own pipeline on the same components
 VARIANTS: dict[str, RBGuidanceConfig | None] = {

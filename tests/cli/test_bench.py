@@ -1,0 +1,28 @@
+"""``omniportrait bench`` on a tiny model, with good and bad input."""
+
+import json
+
+import pytest
+
+from omniportrait.cli import main
+
+
+def test_prints_a_table_and_writes_json(tmp_path, astronaut_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--reference", astronaut_path, "--models", "tiny-sdxl", "--steps", "2", "--repeats", "1",
+                 "--variants", "rb-cfg", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-sdxl 64x64, 2 steps" in printed and "diffusers-plain" in printed and "rb-cfg" in printed
+    (report,) = json.loads(out.read_text())
+    assert report["model"] == "tiny-sdxl" and report["device"] == "cpu" and report["dtype"] == "float32"
+    assert [row["variant"] for row in report["rows"]] == ["diffusers-plain", "rb-cfg"]
+    assert report["rows"][0]["ratio"] == 1.0
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, astronaut_path, capsys):
+    assert main(["bench", "--reference", astronaut_path, "--models", "tiny-sd15", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["bench", "--reference", str(tmp_path / "missing.png"), "--models", "tiny-sd15"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--reference", astronaut_path, "--models", "sd15"])
+    assert exit_info.value.code == 2
