@@ -1,7 +1,8 @@
 """Wall time and peak memory of our pipelines against diffusers' plain pipeline, measured side by side.
 
-Every variant runs on the same components, prompt, size, seed and number of steps, in one process, one after
-the other; ratios are against diffusers' plain pipeline of the same run. Models: the tiny presets (CPU) and the
+Every variant runs a whole generation (text encoding, sampling, VAE decoding to an image) on the same components,
+prompt, size, seed and number of steps, in one process, one after the other; ratios are against diffusers'
+plain pipeline of the same run. Models: the tiny presets (CPU) and the
 real SD1.5 / SDXL architectures with random weights (``random-*``, :mod:`omniportrait.models.architectures`;
 speed and memory do not depend on weight values). Peak memory is CUDA's allocator peak, reported on CUDA only.
 """
@@ -122,7 +123,7 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
     for pipe in (plain, ours):
         pipe.set_progress_bar_config(disable=True)
     common = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                  height=config.resolution, width=config.resolution, output_type="latent")
+                  height=config.resolution, width=config.resolution, output_type="pil")
     identities = [Identity(reference, "woman")]
 
     def call(guidance: RBGuidanceConfig | None) -> Callable:

@@ -84,8 +84,7 @@ class ReferenceGuidance:
         """DIFT features of the aligned reference face at ``t0``, averaged over ``K`` seeded noises."""
         pipe, config = self.pipe, self.config
         aligned = item.reference.aligned(size)
-        pixels = pipe.image_processor.preprocess(aligned.image).to(pipe.device, pipe.vae.dtype)
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        latents = pipe.encode_image_latents(pipe.image_processor.preprocess(aligned.image))
         noisy = noisy_reference_latents(latents, config.ref_timestep, config.dift_ensemble, config.ref_seed,
                                         pipe.scheduler.alphas_cumprod).to(pipe.unet.dtype)
         prompt = config.ref_prompt.format(word=item.identity.class_word)

@@ -8,6 +8,7 @@ VAE upcasting) are small methods the two subclasses provide; everything else liv
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -147,18 +148,33 @@ class OmniPortraitMixin:
                 progress.update()
         return latents
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output_type: str, generator=None):
-        if output_type == "latent":
-            return latents
+    @contextmanager
+    def vae_in_working_precision(self):
+        """Yield the VAE, in fp32 for the call where fp16 overflows (SDXL's ``force_upcast``), as diffusers does."""
         vae = self.vae
         upcast = self.upcast_vae_in_fp16 and vae.dtype == torch.float16 and vae.config.force_upcast
         if upcast:
             vae.to(torch.float32)
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False, generator=generator)[0]
-        if upcast:
-            vae.to(torch.float16)
+        try:
+            yield vae
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+
+    @torch.no_grad()
+    def encode_image_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latent means (fp32) of ``pixels`` in [-1, 1], e.g. the reference of Reference-Based Guidance."""
+        with self.vae_in_working_precision() as vae:
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+        return latents.float() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str, generator=None):
+        if output_type == "latent":
+            return latents
+        with self.vae_in_working_precision() as vae:
+            latents = latents.to(vae.dtype) / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False, generator=generator)[0]
         return self.image_processor.postprocess(image, output_type=output_type)
 
     @torch.no_grad()
