@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from omniportrait.benchmark import PLAIN, BenchConfig, format_row, run_benchmark, timed
+import time
+
+from omniportrait.benchmark import PLAIN, BenchConfig, format_row, run_benchmark, timed_once
 from omniportrait.errors import ConfigError
 
 
@@ -20,17 +22,22 @@ def test_sizes_default_per_model():
     assert BenchConfig("tiny-sd15").guided_steps == 30
 
 
-def test_timed_warms_up_once_and_keeps_the_best_of_the_repeats():
-    calls = []
-    seconds, peak = timed(lambda: calls.append(1), 3, torch.device("cpu"))
-    assert len(calls) == 4 and seconds >= 0 and peak is None
+def test_timed_once_measures_the_call():
+    seconds, peak = timed_once(lambda: time.sleep(0.02), torch.device("cpu"))
+    assert 0.02 <= seconds < 1 and peak is None
+
+
+def test_plain_runs_first_and_once():
+    config = BenchConfig("tiny-sd15", variants=("rb-cfg", PLAIN, "rb-off"))
+    assert config.all_variants == (PLAIN, "rb-cfg", "rb-off")
 
 
 def test_rows_start_with_plain_and_are_ratios_to_it(astronaut_reference):
     config = BenchConfig("tiny-sd15", steps=3, repeats=1, variants=("rb-off", "rb-cfg-interval-2"))
     seen = []
-    rows = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_row=seen.append)
-    assert [row.variant for row in rows] == [PLAIN, "rb-off", "rb-cfg-interval-2"] and seen == rows
+    rows = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_call=seen.append)
+    assert [row.variant for row in rows] == [PLAIN, "rb-off", "rb-cfg-interval-2"]
+    assert seen == [PLAIN, "rb-off", "rb-cfg-interval-2"] * 2  # a warm-up round, then the timed round
     assert rows[0].ratio == 1.0
     for row in rows:
         assert row.seconds > 0 and row.peak_gib is None

@@ -63,6 +63,11 @@ class BenchConfig:
         return self.size or MODELS[self.model][1]
 
     @property
+    def all_variants(self) -> tuple[str, ...]:
+        """The variants that run: diffusers' plain pipeline first, then the requested ones."""
+        return (PLAIN, *[name for name in self.variants if name != PLAIN])
+
+    @property
     def guided_steps(self) -> int:
         """Steps with ``t <= u·T`` under the default schedule, for the report."""
         return round(self.steps * RBGuidanceConfig().start)
@@ -93,21 +98,18 @@ def model_components(model: str, device: torch.device, dtype: torch.dtype) -> tu
     return real_components(arch, dtype=dtype, device=str(device))
 
 
-def timed(call: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float | None]:
-    """Best wall time over ``repeats`` after one warm-up call, and the CUDA peak in GiB (None off CUDA)."""
-    call()
+def timed_once(call: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
+    """Wall time of one call, and its CUDA allocator peak in GiB (None off CUDA)."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        if cuda:
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best, (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+    start = time.perf_counter()
+    call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return seconds, (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
 
 
 def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, device) -> dict[str, Callable]:
@@ -132,24 +134,30 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
             return lambda: plain(PROMPT, **common, generator=generator())
         return lambda: ours(PROMPT, identities, **common, generator=generator(), rb_guidance=guidance)
 
-    names = [PLAIN, *[name for name in config.variants if name != PLAIN]]
-    return {name: call(VARIANTS[name]) for name in names}
+    return {name: call(VARIANTS[name]) for name in config.all_variants}
 
 
 def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: torch.dtype,
-                  on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
-    """Time diffusers' plain pipeline first, then each variant; ``on_row`` sees each row as it is measured."""
+                  on_call: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """One row per variant, diffusers' plain pipeline first: its best time, ratio to plain, and highest peak.
+
+    Every variant is warmed up once, then all are timed in rounds (plain, a, b, …, plain, a, b, …) so that a
+    machine's slow drift falls on every variant alike. ``on_call`` is told each call's variant, for progress.
+    """
     parts, pivot_encoder = model_components(config.model, device, dtype)
     calls = variant_calls(config, parts, pivot_encoder, reference, device)
-    rows: list[BenchRow] = []
+    best = {name: float("inf") for name in calls}
+    peaks: dict[str, float | None] = {name: None for name in calls}
     with torch.no_grad():
-        for name, call in calls.items():
-            seconds, peak = timed(call, config.repeats, device)
-            base = rows[0].seconds if rows else seconds
-            rows.append(BenchRow(name, seconds, seconds / base, peak))
-            if on_row is not None:
-                on_row(rows[-1])
-    return rows
+        for timed_round in range(config.repeats + 1):
+            for name, call in calls.items():
+                seconds, peak = timed_once(call, device)
+                if timed_round > 0:  # round 0 warms up
+                    best[name] = min(best[name], seconds)
+                    peaks[name] = peak if peaks[name] is None else max(peaks[name], peak)
+                if on_call is not None:
+                    on_call(name)
+    return [BenchRow(name, best[name], best[name] / best[PLAIN], peaks[name]) for name in calls]
 
 
 def table_header(config: BenchConfig, device: torch.device, dtype: torch.dtype) -> str:

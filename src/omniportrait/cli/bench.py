@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import warnings
 
 from omniportrait.benchmark import MODELS, PLAIN, VARIANTS
@@ -15,7 +16,7 @@ from omniportrait.benchmark import MODELS, PLAIN, VARIANTS
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="time our pipelines against diffusers' plain pipeline, side by side",
-        description="Wall time (best of --repeats after a warm-up) and CUDA peak memory of diffusers' plain "
+        description="Wall time (best of --repeats rounds over all variants, after a warm-up round) and CUDA peak memory of diffusers' plain "
                     "pipeline, ours with RB-Guidance off, and the full method in each variant, on the same "
                     "components, prompt, seed and steps, in one run. Prints ratios to plain.",
     )
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)} (default: all; {PLAIN} always runs first)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50, the paper's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant after one warm-up (best is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds over all variants after one warm-up round (each keeps its best)")
     p.add_argument("--size", type=int, default=None, help="image side (default: 64 tiny, 512 SD1.5, 1024 SDXL)")
     p.add_argument("--device", default="auto", help="device of the random-* models: auto, cpu, cuda, cuda:N; "
                                                     "tiny models always run on the CPU")
@@ -41,6 +42,7 @@ def default_models(cuda: bool) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from omniportrait.benchmark import BenchConfig, format_row, run_benchmark, table_header
     from omniportrait.faces import prepare_reference
@@ -59,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
         dtype = torch.float32 if tiny else resolve_dtype(args.dtype, device)
         if not tiny and device.type == "cpu":
             warnings.warn(f"{config.model} on the CPU takes minutes per step; use --steps 2 or a GPU", stacklevel=1)
-        print(table_header(config, model_device, dtype), flush=True)
-        rows = run_benchmark(config, reference, model_device, dtype,
-                             on_row=lambda row: print(format_row(row), flush=True))
-        print(flush=True)
+        with tqdm(total=(config.repeats + 1) * len(config.all_variants), desc=config.model, unit="call",
+                  file=sys.stderr, leave=False) as bar:
+            rows = run_benchmark(config, reference, model_device, dtype, on_call=lambda name: bar.update())
+        print(table_header(config, model_device, dtype))
+        print("\n".join(format_row(row) for row in rows) + "\n", flush=True)
         report.append({"model": config.model, "size": config.resolution, "steps": config.steps,
                        "guided_steps": config.guided_steps, "repeats": config.repeats,
                        "device": torch.cuda.get_device_name(model_device) if model_device.type == "cuda" else "cpu",
