@@ -5,7 +5,7 @@ import torch
 
 import time
 
-from omniportrait.benchmark import PLAIN, BenchConfig, format_row, run_benchmark, timed_once
+from omniportrait.benchmark import PLAIN, BenchConfig, format_row, placement, run_benchmark, timed_once
 from omniportrait.errors import ConfigError
 
 
@@ -20,6 +20,12 @@ def test_sizes_default_per_model():
     assert [BenchConfig(m).resolution for m in ("tiny-sdxl", "random-sd15", "random-sdxl")] == [64, 512, 1024]
     assert BenchConfig("random-sdxl", size=768).resolution == 768
     assert BenchConfig("tiny-sd15").guided_steps == 30
+
+
+def test_tiny_models_stay_on_the_cpu_in_fp32_and_real_ones_go_where_asked():
+    cuda = torch.device("cuda")
+    assert placement("tiny-sdxl", cuda, torch.float16) == (torch.device("cpu"), torch.float32)
+    assert placement("random-sdxl", cuda, torch.float16) == (cuda, torch.float16)
 
 
 def test_timed_once_measures_the_call():

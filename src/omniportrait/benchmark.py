@@ -9,6 +9,8 @@ speed and memory do not depend on weight values). Peak memory is CUDA's allocato
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +83,24 @@ class BenchRow:
     peak_gib: float | None
 
 
+def placement(model: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    """Tiny models always run on the CPU in fp32; the random-weight real architectures where asked."""
+    if model.startswith("tiny-"):
+        return torch.device("cpu"), torch.float32
+    return device, dtype
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what an earlier model left, so that its weights do not count in the next model's peak."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def model_components(model: str, device: torch.device, dtype: torch.dtype) -> tuple[dict, object]:
     """Pipeline components and a Pivot ID Encoder for ``model``, on ``device`` in ``dtype``."""
     arch = MODELS[model][0]
@@ -144,6 +164,7 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
     Every variant is warmed up once, then all are timed in rounds (plain, a, b, …, plain, a, b, …) so that a
     machine's slow drift falls on every variant alike. ``on_call`` is told each call's variant, for progress.
     """
+    release_memory(device)
     parts, pivot_encoder = model_components(config.model, device, dtype)
     calls = variant_calls(config, parts, pivot_encoder, reference, device)
     best = {name: float("inf") for name in calls}
@@ -160,13 +181,23 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
     return [BenchRow(name, best[name], best[name] / best[PLAIN], peaks[name]) for name in calls]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def table_header(config: BenchConfig, device: torch.device, dtype: torch.dtype) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return (f"{config.model} {config.resolution}x{config.resolution}, {config.steps} steps "
-            f"({config.guided_steps} guided), {name}, {str(dtype).removeprefix('torch.')}\n"
+            f"({config.guided_steps} guided), {device_name(device)}, {dtype_name(dtype)}\n"
             f"{'variant':26s} {'seconds':>9s} {'x plain':>8s} {'peak GiB':>9s}")
 
 
 def format_row(row: BenchRow) -> str:
     peak = f"{row.peak_gib:9.2f}" if row.peak_gib is not None else f"{'n/a':>9s}"
     return f"{row.variant:26s} {row.seconds:9.3f} {row.ratio:8.2f} {peak}"
+
+
+def report_entry(config: BenchConfig, device: torch.device, dtype: torch.dtype, rows: list[BenchRow]) -> dict:
+    """One model's rows and the conditions they were measured under, for ``--json``."""
+    return {"model": config.model, "size": config.resolution, "steps": config.steps,
+            "guided_steps": config.guided_steps, "repeats": config.repeats, "device": device_name(device),
+            "dtype": dtype_name(dtype), "rows": [dataclasses.asdict(row) for row in rows]}

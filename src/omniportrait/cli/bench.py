@@ -6,7 +6,6 @@ See benchmarks/README.md for measured tables and what each optimisation bought.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import warnings
 
@@ -41,10 +40,16 @@ def default_models(cuda: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
-    from omniportrait.benchmark import BenchConfig, format_row, run_benchmark, table_header
+    from omniportrait.benchmark import (
+        BenchConfig,
+        format_row,
+        placement,
+        report_entry,
+        run_benchmark,
+        table_header,
+    )
     from omniportrait.faces import prepare_reference
     from omniportrait.files import write_json_atomic
     from omniportrait.images import load_image
@@ -56,21 +61,15 @@ def run(args: argparse.Namespace) -> int:
     reference = prepare_reference(load_image(args.reference))
     report = []
     for config in configs:
-        tiny = config.model.startswith("tiny-")
-        model_device = torch.device("cpu") if tiny else device
-        dtype = torch.float32 if tiny else resolve_dtype(args.dtype, device)
-        if not tiny and device.type == "cpu":
+        model_device, dtype = placement(config.model, device, resolve_dtype(args.dtype, device))
+        if model_device.type == "cpu" and not config.model.startswith("tiny-"):
             warnings.warn(f"{config.model} on the CPU takes minutes per step; use --steps 2 or a GPU", stacklevel=1)
         with tqdm(total=(config.repeats + 1) * len(config.all_variants), desc=config.model, unit="call",
                   file=sys.stderr, leave=False) as bar:
             rows = run_benchmark(config, reference, model_device, dtype, on_call=lambda name: bar.update())
         print(table_header(config, model_device, dtype))
         print("\n".join(format_row(row) for row in rows) + "\n", flush=True)
-        report.append({"model": config.model, "size": config.resolution, "steps": config.steps,
-                       "guided_steps": config.guided_steps, "repeats": config.repeats,
-                       "device": torch.cuda.get_device_name(model_device) if model_device.type == "cuda" else "cpu",
-                       "dtype": str(dtype).removeprefix("torch."),
-                       "rows": [dataclasses.asdict(row) for row in rows]})
+        report.append(report_entry(config, model_device, dtype, rows))
     if args.json:
         write_json_atomic(args.json, report)
     return 0
