@@ -113,6 +113,20 @@ def test_gradient_interval_counts_backward_passes_over_a_generation(tiny_pipe, a
     assert (third.guidance.record.guided_steps, third.guidance.record.reused_steps) == (2, 4)
 
 
+def test_gradient_interval_keeps_the_direction_of_the_guidance_effect(tiny_pipe, astronaut_reference):
+    def latents(**kwargs):
+        return tiny_pipe(PROMPT, [Identity(astronaut_reference, "woman")], num_inference_steps=12,
+                         output_type="latent", generator=torch.Generator().manual_seed(0),
+                         rb_guidance=RBGuidanceConfig(**kwargs)).images.flatten()
+
+    off = latents(enabled=False)
+    every = latents(strength=5000.0) - off
+    second = latents(strength=5000.0, gradient_interval=2) - off
+    assert every.norm() > 0.1
+    assert torch.nn.functional.cosine_similarity(every, second, dim=0) > 0.95
+    assert (second - every).norm() < 0.3 * every.norm()
+
+
 def test_half_precision_gradient_does_not_underflow(astronaut_reference):
     from tests.conftest import build
 
