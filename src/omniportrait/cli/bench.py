@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     for config in configs:
         model_device, dtype = placement(config.model, device, resolve_dtype(args.dtype, device))
         if model_device.type == "cpu" and not config.model.startswith("tiny-"):
-            warnings.warn(f"{config.model} on the CPU takes minutes per step; use --steps 2 or a GPU", stacklevel=1)
+            warnings.warn(f"{config.model} is slow on the CPU (seconds to minutes per step); use few --steps or a GPU",
+                          stacklevel=1)
         with tqdm(total=(config.repeats + 1) * len(config.all_variants), desc=config.model, unit="call",
                   file=sys.stderr, leave=False) as bar:
             rows = run_benchmark(config, reference, model_device, dtype, on_call=lambda name: bar.update())
