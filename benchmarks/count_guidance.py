@@ -20,6 +20,7 @@ kernel that CUDA picks in fp16, which keeps q, k, v, the output and the log-sum-
 from __future__ import annotations
 
 import argparse
+
 import torch
 import torch.nn.functional as F
 from diffusers.utils import logging as diffusers_logging
@@ -96,6 +97,11 @@ def count_step(unet, arch: str, variant: str, latent: int, width: int) -> tuple[
     return forward.get_total_flops() + backward.get_total_flops(), saved.total
 
 
+def generation_ratio(step_flops: float, plain_flops: float, steps: int, recomputed: int) -> float:
+    """FLOPs of a generation whose ``recomputed`` steps cost ``step_flops`` and the rest a plain step, over plain."""
+    return ((steps - recomputed) * plain_flops + recomputed * step_flops) / (steps * plain_flops)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
@@ -109,15 +115,14 @@ def main() -> None:
             unet = build().to(torch.float16).eval().requires_grad_(False)
         print(f"\n{arch} latent {latent}x{latent}, fp16, DIFT up_blocks[{DEFAULT_DIFT_BLOCK[arch]}]; "
               f"ratios over {args.steps} steps with {guided} guided (every step / every 2nd recomputed)")
-        print(f"{'variant':16s} {'TFLOP/step':>10s} {'x plain':>8s} {'saved GiB':>10s} {'50-step x':>10s} "
+        print(f"{'variant':16s} {'TFLOP/step':>10s} {'x plain':>8s} {'saved GiB':>10s} {'every':>10s} "
               f"{'interval 2':>10s}")
         plain = None
         for variant in VARIANTS:
             flops, saved = count_step(unet, arch, variant, latent, width)
             plain = plain or flops
-            every = ((args.steps - guided) * plain + guided * flops) / (args.steps * plain)
-            recomputed = (guided + 1) // 2
-            half = ((args.steps - recomputed) * plain + recomputed * flops) / (args.steps * plain)
+            every = generation_ratio(flops, plain, args.steps, guided)
+            half = generation_ratio(flops, plain, args.steps, (guided + 1) // 2)
             print(f"{variant:16s} {flops / 1e12:10.3f} {flops / plain:8.2f} {saved / 2**30:10.2f} {every:10.2f} "
                   f"{half:10.2f}")
 

@@ -15,9 +15,10 @@ from omniportrait.benchmark import MODELS, PLAIN, VARIANTS
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="time our pipelines against diffusers' plain pipeline, side by side",
-        description="Wall time (best of --repeats rounds over all variants, after a warm-up round) and CUDA peak memory of diffusers' plain "
-                    "pipeline, ours with RB-Guidance off, and the full method in each variant, on the same "
-                    "components, prompt, seed and steps, in one run. Prints ratios to plain.",
+        description="Wall time (best of --repeats rounds over all variants, after a warm-up round) and CUDA "
+                    "peak memory of diffusers' plain pipeline, ours with RB-Guidance off, and the full method in "
+                    "each variant, on the same components, prompt, seed and steps, in one run. Prints ratios "
+                    "to plain.",
     )
     p.add_argument("--reference", required=True, help="face photo for the identity, e.g. examples/astronaut.jpg")
     p.add_argument("--models", nargs="+", default=None, choices=list(MODELS), metavar="MODEL",
@@ -26,7 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)} (default: all; {PLAIN} always runs first)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50, the paper's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds over all variants after one warm-up round (each keeps its best)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds over all variants after one warm-up round (each keeps its best)")
     p.add_argument("--size", type=int, default=None, help="image side (default: 64 tiny, 512 SD1.5, 1024 SDXL)")
     p.add_argument("--device", default="auto", help="device of the random-* models: auto, cpu, cuda, cuda:N; "
                                                     "tiny models always run on the CPU")
