@@ -1,12 +1,14 @@
 #!/bin/sh
-# One-shot GPU check for a short device lease: the meta-device counts, then `omniportrait bench` on the real
-# SD1.5 (512²) and SDXL (1024²) architectures with random weights in fp16, all components on the GPU.
+# One-shot GPU check for a short device lease: `omniportrait bench` on the real SDXL (1024²) and SD1.5 (512²)
+# architectures with random weights in fp16, all components on the GPU, then profile_step.py (where one
+# step's time goes). The FLOP/memory counts of count_guidance.py do not depend on the machine: run them anywhere.
 # Runs from the source tree (PYTHONPATH=src), no install. Packages the GPU image lacks (diffusers, mediapipe,
 # protobuf<5) travel as wheels in .wheels/ (git-ignored), fetched beforehand on a machine with an index:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .wheels diffusers==0.42.1 mediapipe==0.10.14 protobuf==4.25.9
-# Results go to $OUT (env.txt, count.txt, bench.txt, bench.json). MODELS, STEPS and REPEATS override the run,
-# e.g. `MODELS=tiny-sd15 STEPS=2 REPEATS=1 sh benchmarks/gpu_check.sh` checks the script itself on a CPU.
+# Results go to $OUT (env.txt, bench.txt/.json/.err, profile-MODEL.txt). MODELS, VARIANTS, STEPS, REPEATS and
+# PROFILE (models, or `none`) override the run,
+# e.g. `MODELS=tiny-sd15 PROFILE=tiny-sd15 STEPS=2 REPEATS=1 sh benchmarks/gpu_check.sh` checks it on a CPU.
 set -e
 OUT=${OUT:-/tmp/omniportrait-gpu}
 SITE=${SITE:-/tmp/omniportrait-site}
@@ -15,9 +17,14 @@ mkdir -p "$OUT" "$SITE"
 if [ -d .wheels ]; then
     "$PYTHON" -m pip install --quiet --no-deps --no-index --target "$SITE" .wheels/*.whl
 fi
-export PYTHONPATH="$SITE:$PWD/src:$PWD" HF_HUB_OFFLINE=1
+export PYTHONPATH="$SITE:$PWD/src:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee "$OUT/env.txt"
-"$PYTHON" benchmarks/count_guidance.py | tee "$OUT/count.txt"
-"$PYTHON" -m omniportrait.cli bench --reference examples/astronaut.jpg --models ${MODELS:-random-sd15 random-sdxl} \
-    --steps "${STEPS:-50}" --repeats "${REPEATS:-2}" --json "$OUT/bench.json" | tee "$OUT/bench.txt"
+"$PYTHON" -m omniportrait.cli bench --reference examples/astronaut.jpg --models ${MODELS:-random-sdxl random-sd15} \
+    --variants ${VARIANTS:-rb-off rb-cfg rb-split rb-separate rb-cfg-interval-2 rb-split-interval-2} \
+    --steps "${STEPS:-50}" --repeats "${REPEATS:-1}" --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
+for model in ${PROFILE:-random-sdxl random-sd15}; do
+    [ "$model" = none ] && break
+    "$PYTHON" benchmarks/profile_step.py --model "$model" > "$OUT/profile-$model.txt" 2>&1
+    grep -E "^(random|tiny)|^ms|^peak|^syncs|^one" "$OUT/profile-$model.txt"
+done

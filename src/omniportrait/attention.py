@@ -59,6 +59,7 @@ class AttentionStore:
     self_qk: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     _total: torch.Tensor | None = None
     _calls: int = 0
+    _indices: dict = field(default_factory=dict)
 
     def clear(self) -> None:
         self.cross_maps.clear()
@@ -69,11 +70,19 @@ class AttentionStore:
         divisor = math.sqrt(height * width / tokens)
         return round(height / divisor), round(width / divisor)
 
+    def position_indices(self, device: torch.device) -> list[torch.Tensor]:
+        """Each identity's token positions as an index tensor on ``device``, made once: indexing with a Python
+        list would copy it to the GPU, and wait for the GPU, in every recorded layer."""
+        if device not in self._indices:
+            self._indices[device] = [torch.tensor(positions, device=device) for positions in self.positions]
+        return self._indices[device]
+
     def record_cross(self, probs: torch.Tensor) -> None:
         """``probs`` ``(B, heads, hw, T)`` -> per identity mass, head mean, as ``(B, n_id, h, w)``."""
         probs = probs if self.rows is None else probs[self.rows]
         probs = probs if self.keep_grad else probs.detach()
-        maps = torch.stack([probs[..., positions].sum(-1).mean(1) for positions in self.positions], dim=1)
+        maps = torch.stack([probs.index_select(-1, index).sum(-1).mean(1)
+                            for index in self.position_indices(probs.device)], dim=1)
         self.cross_maps.append(maps.unflatten(-1, self.map_shape(maps.shape[-1])).float())
 
     def record_self(self, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -156,16 +165,20 @@ class RecordingAttnProcessor:
 
 
 @contextmanager
-def record_attention(unet, store: AttentionStore):
-    """Install recording processors on the store's layers for the ``with`` block; always restore."""
-    original = unet.attn_processors
-    wanted = {name + ".processor": CROSS for name in store.cross_layers}
-    wanted.update({name + ".processor": SELF for name in store.self_layers})
-    unet.set_attn_processor({
-        name: RecordingAttnProcessor(store, wanted[name]) if name in wanted else processor
-        for name, processor in original.items()
-    })
+def record_attention(unet, store: AttentionStore, self_attention: bool = True):
+    """Install recording processors on the store's layers for the ``with`` block; always restore.
+
+    ``self_attention=False`` records the cross-attention maps only. Only the recorded layers are touched:
+    diffusers' ``set_attn_processor`` walks every module of the UNet, about 20 ms per call on SDXL.
+    """
+    kinds = {name: CROSS for name in store.cross_layers}
+    kinds.update({name: SELF for name in store.self_layers} if self_attention else {})
+    modules = {name: unet.get_submodule(name) for name in kinds}
+    original = {name: module.get_processor() for name, module in modules.items()}
+    for name, module in modules.items():
+        module.set_processor(RecordingAttnProcessor(store, kinds[name]))
     try:
         yield store
     finally:
-        unet.set_attn_processor(original)
+        for name, module in modules.items():
+            module.set_processor(original[name])

@@ -28,8 +28,10 @@ VARIANTS: dict[str, RBGuidanceConfig | None] = {
     PLAIN: None,
     "rb-off": RBGuidanceConfig(enabled=False),
     "rb-cfg": RBGuidanceConfig(),
+    "rb-split": RBGuidanceConfig(feature_pass="split"),
     "rb-separate": RBGuidanceConfig(feature_pass="separate"),
     "rb-cfg-interval-2": RBGuidanceConfig(gradient_interval=2),
+    "rb-split-interval-2": RBGuidanceConfig(feature_pass="split", gradient_interval=2),
     "rb-separate-interval-2": RBGuidanceConfig(feature_pass="separate", gradient_interval=2),
 }
 MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "random-sd15": ("sd15", 512),

@@ -57,10 +57,33 @@ def test_two_identities_have_disjoint_masks_and_gradients_inside_their_own(tiny_
 def test_non_finite_gradient_is_skipped_with_one_warning(tiny_pipe, astronaut_reference):
     guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference,
                                                config=RBGuidanceConfig(strength=float("inf")))
-    with pytest.warns(UserWarning, match="non-finite"):
+    for _ in range(2):
         _, gradient = guidance.noise_and_gradient(latents, torch.tensor(400), cond, 7.5)
     assert torch.equal(gradient, torch.zeros_like(gradient))
-    assert guidance.record.skipped_steps == 1
+    assert (guidance.record.skipped_steps, guidance.record.guided_steps) == (2, 0)
+    with pytest.warns(UserWarning, match="non-finite gradient on 2 step") as caught:
+        guidance.finish()
+    assert len(caught) == 1
+
+
+def test_a_generation_warns_once_after_sampling_when_gradients_were_not_finite(tiny_pipe, astronaut_reference):
+    with pytest.warns(UserWarning, match="non-finite gradient on 4 step") as caught:
+        out = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=float("inf")))
+    assert len([w for w in caught if "non-finite" in str(w.message)]) == 1
+    assert np.isfinite(out.images).all()
+
+
+def test_cuda_timesteps_are_read_from_the_host_schedule(tiny_pipe, astronaut_reference):
+    guidance, _, _ = guidance_at_step(tiny_pipe, astronaut_reference)
+    on_device = torch.tensor(0, device="meta")  # stands in for a CUDA tensor, which int() would wait for
+    assert guidance.host_timestep(on_device, 3) == float(tiny_pipe.scheduler.timesteps[3])
+    assert guidance.host_timestep(torch.tensor(400), 3) == 400.0
+
+
+def test_plain_steps_record_cross_attention_only(tiny_pipe, astronaut_reference):
+    guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference)
+    guidance.plain_noise(latents, torch.tensor(400), cond, 7.5)
+    assert guidance.store.cross_maps and not guidance.store.self_qk
 
 
 def run(pipe, reference, **kwargs):
@@ -89,6 +112,20 @@ def test_separate_feature_pass_gives_the_same_guidance(tiny_pipe, astronaut_refe
     fused = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0))
     lean = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0, feature_pass="separate"))
     assert np.abs(fused.images - lean.images).max() < 1e-3
+
+
+def test_split_feature_pass_gives_the_noise_and_gradient_of_the_batched_pass(tiny_pipe, astronaut_reference):
+    pipe = tiny_pipe
+    batched, latents, cond = guidance_at_step(pipe, astronaut_reference, config=RBGuidanceConfig(strength=5000.0))
+    split, _, _ = guidance_at_step(pipe, astronaut_reference,
+                                   config=RBGuidanceConfig(strength=5000.0, feature_pass="split"))
+    noise, gradient = batched.noise_and_gradient(latents, torch.tensor(400), cond, 7.5)
+    split_noise, split_gradient = split.noise_and_gradient(latents, torch.tensor(400), cond, 7.5)
+    assert gradient.abs().max() > 1e-3
+    assert torch.allclose(split_noise, noise, atol=1e-4)  # batch 1 and batch 2 kernels round differently
+    assert torch.allclose(split_gradient, gradient, atol=1e-4 * float(gradient.abs().max()))
+    assert torch.equal(split.record.gen_masks, batched.record.gen_masks)
+    assert split.store.rows == batched.store.rows  # the store records CFG rows again on the next plain step
 
 
 def test_gradient_interval_adds_the_last_gradient_between_recomputations(tiny_pipe, astronaut_reference):

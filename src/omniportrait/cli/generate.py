@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omniportrait.errors import ClassWordError, ConfigError
 from omniportrait.files import write_json_atomic
-from omniportrait.guidance.config import RBGuidanceConfig
+from omniportrait.guidance.config import FEATURE_PASSES, RBGuidanceConfig
 from omniportrait.pipelines.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
 from omniportrait.text import find_person_nouns
@@ -64,8 +64,10 @@ def add_guidance_arguments(p) -> None:
     g.add_argument("--mask-power", type=float, default=d.mask_power, help="alpha of eq. 6")
     g.add_argument("--mask-threshold", type=float, default=d.mask_threshold, help="beta of eq. 6")
     g.add_argument("--no-background-mask", action="store_true", help="do not mask the gradient by M_gen (eq. 9)")
-    g.add_argument("--rb-feature-pass", choices=("cfg", "separate"), default=d.feature_pass,
-                   help="cfg: features from the CFG pass (fast); separate: lean extra pass (less memory)")
+    g.add_argument("--rb-feature-pass", choices=FEATURE_PASSES, default=d.feature_pass,
+                   help="cfg: features from the batched CFG pass with grad; split: CFG as an unconditional pass "
+                        "and a conditional one with grad (half the backward memory); separate: CFG pass without "
+                        "grad plus a partial conditional pass")
     g.add_argument("--rb-interval", type=int, default=d.gradient_interval, metavar="N",
                    help="recompute the guidance gradient every N-th guided step, reuse it in between (paper: 1)")
     g.add_argument("--save-masks", default=None, metavar="DIR", help="write M_gen, M_ref and matches as PNGs")

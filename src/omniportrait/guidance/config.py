@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 REDUCTIONS = ("sum", "mean")
-FEATURE_PASSES = ("cfg", "separate")
+FEATURE_PASSES = ("cfg", "split", "separate")
 DEFAULT_DIFT_BLOCK = {"sd15": 1, "sdxl": 0}
 
 
@@ -24,8 +24,10 @@ class RBGuidanceConfig:
         mask_iterations / mask_power / mask_threshold: ``γ``, ``α``, ``β`` of the regional mask (eq. 6).
         attention_divisor: the mask comes from attention layers whose maps are latent/``attention_divisor``.
         background_masking: multiply the gradient by ``M_gen`` (eq. 9).
-        feature_pass: ``cfg`` takes features from the CFG pass run with grad (fastest, most memory);
-            ``separate`` runs the CFG pass without grad and a conditional pass stopped after the DIFT block.
+        feature_pass: ``cfg`` takes features from the batched CFG pass run with grad; ``split`` runs the CFG
+            pass as an unconditional pass without grad and a conditional one with grad (half the backward and
+            its memory); ``separate`` runs the CFG pass without grad and a conditional pass stopped after the
+            DIFT block (an extra partial pass).
         gradient_interval: recompute ``∇E`` on every N-th guided step and add the last one on the steps between
             (1, the paper: every guided step; N cuts the backward passes to about 1/N).
         ref_prompt: prompt for the reference features; ``{word}`` is the identity's class word.

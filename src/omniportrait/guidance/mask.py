@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+VALUE_ALIGNMENT = 8  # SDPA's fused CUDA kernels want head dims that are multiples of 8
+
 
 def minmax(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Min-max normalise each map of ``(..., h, w)`` to [0, 1]."""
@@ -24,15 +26,17 @@ def refine_with_self_attention(maps: torch.Tensor, qk: list[tuple[torch.Tensor, 
     """``Â = A_s · x`` with ``A_s`` the head- and layer-averaged self-attention (eq. 6, outer part).
 
     ``softmax(QKᵀ/√d)·x`` is one ``scaled_dot_product_attention`` call with the map as value, so the
-    ``(hw)²`` matrix is never built. ``maps``: ``(B, n, h, w)``; q, k: ``(B, heads, hw, d)`` at ``h×w``.
+    ``(hw)²`` matrix is never built. The value's width is padded with zeros to a multiple of 8, which CUDA's
+    fused kernels need (with one column SDPA falls back to the math path: the full matrix, in fp32).
+    ``maps``: ``(B, n, h, w)``; q, k: ``(B, heads, hw, d)`` at ``h×w``.
     """
     batch, count, height, width = maps.shape
-    value = maps.flatten(-2).transpose(1, 2)  # (B, hw, n)
+    value = F.pad(maps.flatten(-2).transpose(1, 2), (0, -count % VALUE_ALIGNMENT))  # (B, hw, n padded)
     refined = []
     for query, key in qk:
         heads = query.shape[1]
         v = value.to(query.dtype)[:, None].expand(batch, heads, -1, -1)
-        refined.append(F.scaled_dot_product_attention(query, key, v).float().mean(1))
+        refined.append(F.scaled_dot_product_attention(query, key, v)[..., :count].float().mean(1))
     return torch.stack(refined).mean(0).transpose(1, 2).reshape(batch, count, height, width)
 
 

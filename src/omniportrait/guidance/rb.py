@@ -19,12 +19,13 @@ from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK, RBGuidanceConfig
 from omniportrait.guidance.energy import Correspondence, energy, match_features
 from omniportrait.guidance.features import capture_features, features_only, noisy_reference_latents
 from omniportrait.guidance.mask import regional_mask, resize_mask
+from omniportrait.pipelines.base import classifier_free
 from omniportrait.pipelines.identity import BoundIdentity, locate_class_word
 
 # Static loss scaling for the backward pass in fp16/bf16: E's gradient is small (~p/(1+S)² per point) and
 # would underflow in half precision; the scale is divided out in fp32 afterwards.
 HALF_PRECISION_GRAD_SCALE = 2.0**12
-NON_FINITE_WARNING = "Reference-Based Guidance produced a non-finite gradient; guidance skipped for that step"
+NON_FINITE_WARNING = "Reference-Based Guidance produced a non-finite gradient on {} step(s); guidance skipped there"
 
 
 @dataclass
@@ -39,16 +40,34 @@ class ReferenceFeatures:
 
 @dataclass
 class StepRecord:
-    """What the last guided step saw, kept for ``--save-masks``."""
+    """What the last guided step saw (kept for ``--save-masks``), and counts over the generation.
+
+    Non-finite gradients are counted on the gradient's device and read only when asked for, so sampling never
+    waits for the GPU to finish a backward pass before it queues the next step.
+    """
 
     gen_masks: torch.Tensor | None = None
     correspondences: list[list[Correspondence]] = field(default_factory=list)
     feature_size: tuple[int, int] | None = None
-    guided_steps: int = 0
+    gradient_steps: int = 0
     reused_steps: int = 0
-    skipped_steps: int = 0
-    energies: list[float] = field(default_factory=list)
+    nonfinite: torch.Tensor | None = None
+    energies: list[torch.Tensor] = field(default_factory=list)
     gradients: list[torch.Tensor] = field(default_factory=list)
+
+    def count_gradient(self, finite: torch.Tensor) -> None:
+        self.gradient_steps += 1
+        self.nonfinite = (~finite).int() + (0 if self.nonfinite is None else self.nonfinite)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose gradient was not finite and was dropped."""
+        return 0 if self.nonfinite is None else int(self.nonfinite)
+
+    @property
+    def guided_steps(self) -> int:
+        """Steps that added a freshly computed gradient."""
+        return self.gradient_steps - self.skipped_steps
 
 
 def dift_block_for(pipe, config: RBGuidanceConfig) -> int:
@@ -66,12 +85,13 @@ class ReferenceGuidance:
         self.block = dift_block_for(pipe, config)
         self.latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         self.num_images = num_images
+        self.cfg_rows = slice(num_images, 2 * num_images)  # the conditional rows of a batched CFG pass
         self.references = [self.reference_features(item, min(height, width)) for item in bound]
-        self.store = self.attention_store(rows=slice(num_images, 2 * num_images))
+        self.store = self.attention_store(rows=self.cfg_rows)
         self.record = StepRecord()
         self.active_steps = 0
         self.last_gradient: torch.Tensor | None = None
-        self._warned = False
+        self._schedule: list[float] | None = None
 
     # ----- setup ------------------------------------------------------------------------------------------
     def attention_store(self, rows: slice | None) -> AttentionStore:
@@ -104,7 +124,7 @@ class ReferenceGuidance:
         Below ``t̂`` the gradient is recomputed on every ``gradient_interval``-th step and reused in between.
         """
         self.store.clear()
-        if not self.config.active_at(int(t), self.pipe.scheduler.config.num_train_timesteps):
+        if not self.config.active_at(self.host_timestep(t, step_index), self.pipe.scheduler.config.num_train_timesteps):
             return self.plain_noise(latents, t, cond, guidance_scale)
         self.active_steps += 1
         if (self.active_steps - 1) % self.config.gradient_interval:
@@ -112,8 +132,25 @@ class ReferenceGuidance:
             return self.plain_noise(latents, t, cond, guidance_scale) + self.last_gradient.to(latents.dtype)
         return self.guided_noise(latents, t, cond, guidance_scale)
 
+    def host_timestep(self, t, step_index: int) -> float:
+        """``t`` as a number without waiting for the GPU: a CUDA timestep is read from a host copy of the schedule
+        (taken once per generation)."""
+        if not torch.is_tensor(t) or t.device.type == "cpu":
+            return float(t)
+        if self._schedule is None:
+            self._schedule = self.pipe.scheduler.timesteps.tolist()
+        return self._schedule[step_index]
+
+    def finish(self) -> None:
+        """End of sampling: warn once if any gradient was not finite (checked here, not at every step)."""
+        skipped = self.record.skipped_steps
+        if skipped:
+            warnings.warn(NON_FINITE_WARNING.format(skipped), stacklevel=3)
+
     def plain_noise(self, latents, t, cond, guidance_scale: float) -> torch.Tensor:
-        with torch.no_grad(), record_attention(self.pipe.unet, self.store):
+        """CFG noise without a gradient; records the cross-attention for the running-mean mask (the self-attention
+        is needed only on the steps that build a mask)."""
+        with torch.no_grad(), record_attention(self.pipe.unet, self.store, self_attention=False):
             noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
         self.store.accumulate()
         return noise
@@ -125,27 +162,49 @@ class ReferenceGuidance:
     def noise_and_gradient(self, latents, t, cond, guidance_scale: float, masks: torch.Tensor | None = None):
         """``(ε_cfg, Σ_i M_gen,i ⊙ ∇E_i)`` at ``z_t``; ``masks`` fixes ``M_gen`` instead of computing it."""
         latents = latents.detach().requires_grad_(True)
-        rows = slice(self.num_images, 2 * self.num_images) if cond.do_cfg else None
+        passes = {"cfg": self.cfg_pass, "split": self.split_pass, "separate": self.separate_pass}
         with torch.enable_grad():
-            if self.config.feature_pass == "cfg":
-                with record_attention(self.pipe.unet, self.store), \
-                        capture_features(self.pipe.unet, self.block, rows, grad_after=False) as captured:
-                    noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
-                features = captured[0]
-            else:
-                with torch.no_grad(), record_attention(self.pipe.unet, self.store):
-                    noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
-                features = self.conditional_features(latents, t, cond)
+            noise, features = passes[self.config.feature_pass](latents, t, cond, guidance_scale)
             masks = self.generated_masks() if masks is None else masks
             gradient = self.energy_gradient(latents, features, masks)
         return noise.detach(), gradient
 
-    def conditional_features(self, latents, t, cond) -> torch.Tensor:
-        """Memory-lean mode: a conditional pass with grad, stopped after the DIFT block."""
+    def cfg_pass(self, latents, t, cond, guidance_scale: float):
+        """The batched CFG pass with grad up to the DIFT block; features from its conditional rows."""
+        rows = self.cfg_rows if cond.do_cfg else None
+        with record_attention(self.pipe.unet, self.store), \
+                capture_features(self.pipe.unet, self.block, rows, grad_after=False) as captured:
+            noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
+        return noise, captured[0]
+
+    def split_pass(self, latents, t, cond, guidance_scale: float):
+        """CFG as two passes: unconditional without grad, conditional with grad up to the DIFT block.
+
+        Same noise and gradient as :meth:`cfg_pass`, but autograd keeps and differentiates only the conditional
+        rows, which are all the energy depends on: half the backward and half its memory.
+        """
+        if not cond.do_cfg:
+            return self.cfg_pass(latents, t, cond, guidance_scale)
+        with torch.no_grad():
+            uncond = self.pipe.unet_noise(latents, t, cond.unconditional())
+        self.store.rows = None
+        try:
+            with record_attention(self.pipe.unet, self.store), \
+                    capture_features(self.pipe.unet, self.block, grad_after=False) as captured:
+                text = self.pipe.unet_noise(latents, t, cond.conditional())
+        finally:
+            self.store.rows = self.cfg_rows
+        return classifier_free(uncond, text, guidance_scale), captured[0]
+
+    def separate_pass(self, latents, t, cond, guidance_scale: float):
+        """Memory-lean mode: the CFG pass without grad, then a conditional pass with grad stopped after the DIFT
+        block."""
+        with torch.no_grad(), record_attention(self.pipe.unet, self.store):
+            noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
         conditional = cond.conditional()
         model_input = self.pipe.scheduler.scale_model_input(latents, t)
-        return features_only(self.pipe.unet, self.block, model_input, t, conditional.prompt_embeds,
-                             conditional.added_cond_kwargs)
+        return noise, features_only(self.pipe.unet, self.block, model_input, t, conditional.prompt_embeds,
+                                    conditional.added_cond_kwargs)
 
     def generated_masks(self) -> torch.Tensor:
         """``M_gen`` per identity ``(B, n, h, w)`` from the running-mean cross-attention and this step's q/k."""
@@ -154,7 +213,7 @@ class ReferenceGuidance:
         return regional_mask(mean_maps, self.store.self_qk, c.mask_iterations, c.mask_power, c.mask_threshold)
 
     def energy_gradient(self, latents, features, masks) -> torch.Tensor:
-        """``Σ_i M_gen,i ⊙ ∇_{z_t} E_i`` (eqs. 8-10); zero, with one warning, if not finite."""
+        """``Σ_i M_gen,i ⊙ ∇_{z_t} E_i`` (eqs. 8-10); zero if not finite (counted, see :meth:`finish`)."""
         feature_masks = resize_mask(masks, tuple(features.shape[-2:]))
         latent_masks = resize_mask(masks, tuple(latents.shape[-2:]))
         total = torch.zeros_like(latents, dtype=torch.float32)
@@ -172,15 +231,10 @@ class ReferenceGuidance:
             total = total + gradient
             gradients.append(gradient.detach())
             correspondences.append(per_image)
-            energies.append(float(identity_energy.detach()))
+            energies.append(identity_energy.detach())
         self.record.gen_masks, self.record.correspondences = masks.detach(), correspondences
         self.record.feature_size = tuple(features.shape[-2:])
         self.record.energies, self.record.gradients = energies, gradients
-        if not torch.isfinite(total).all():
-            if not self._warned:
-                warnings.warn(NON_FINITE_WARNING, stacklevel=2)
-                self._warned = True
-            self.record.skipped_steps += 1
-            return torch.zeros_like(total)
-        self.record.guided_steps += 1
-        return total.detach()
+        finite = torch.isfinite(total).all()
+        self.record.count_gradient(finite)
+        return torch.where(finite, total, torch.zeros_like(total)).detach()

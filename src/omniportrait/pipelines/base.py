@@ -41,10 +41,15 @@ class Conditioning:
 
     def conditional(self) -> "Conditioning":
         """The conditional half only (for passes that need no unconditional branch)."""
-        if not self.do_cfg:
-            return self
-        half = {k: v.chunk(2)[1] for k, v in (self.added_cond_kwargs or {}).items()}
-        return Conditioning(self.prompt_embeds.chunk(2)[1], half or None, do_cfg=False)
+        return self.half(1) if self.do_cfg else self
+
+    def unconditional(self) -> "Conditioning":
+        """The unconditional half only; requires CFG."""
+        return self.half(0)
+
+    def half(self, index: int) -> "Conditioning":
+        extra = {k: v.chunk(2)[index] for k, v in (self.added_cond_kwargs or {}).items()}
+        return Conditioning(self.prompt_embeds.chunk(2)[index], extra or None, do_cfg=False)
 
 
 @dataclass
@@ -64,6 +69,11 @@ def _as_prepared_reference(identity: Identity):
     from omniportrait.faces import prepare_reference
 
     return prepare_reference(reference, face_index=identity.face_index)
+
+
+def classifier_free(uncond: torch.Tensor, text: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Eq. 3: ``ε(∅) + w·(ε(y) − ε(∅))``."""
+    return uncond + guidance_scale * (text - uncond)
 
 
 class OmniPortraitMixin:
@@ -119,18 +129,19 @@ class OmniPortraitMixin:
         with torch.no_grad():
             return inject_identities(prompt_embeds, usable, self.pivot_encoder)
 
-    def cfg_noise(self, latents: torch.Tensor, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
-        """Classifier-free guided noise, eq. 3: ``ε(∅) + w·(ε(y) − ε(∅))``."""
+    def unet_noise(self, latents: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
+        """The UNet's noise prediction; rows ``[uncond, cond]`` when ``cond`` carries CFG."""
         model_input = torch.cat([latents] * 2) if cond.do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
-        noise = self.unet(
+        return self.unet(
             model_input, t, encoder_hidden_states=cond.prompt_embeds,
             added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
         )[0]
-        if not cond.do_cfg:
-            return noise
-        uncond, text = noise.chunk(2)
-        return uncond + guidance_scale * (text - uncond)
+
+    def cfg_noise(self, latents: torch.Tensor, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guided noise of one batched UNet pass (or the plain prediction without CFG)."""
+        noise = self.unet_noise(latents, t, cond)
+        return classifier_free(*noise.chunk(2), guidance_scale) if cond.do_cfg else noise
 
     def predict_noise(self, latents, t, step_index: int, cond: Conditioning, guidance_scale: float):
         """The noise the scheduler steps with, without guidance (Reference-Based Guidance brings its own)."""
@@ -153,13 +164,14 @@ class OmniPortraitMixin:
         """Yield the VAE, in fp32 for the call where fp16 overflows (SDXL's ``force_upcast``), as diffusers does."""
         vae = self.vae
         upcast = self.upcast_vae_in_fp16 and vae.dtype == torch.float16 and vae.config.force_upcast
+        # torch's own Module.to: diffusers' override logs a float32-modules warning on every dtype cast
         if upcast:
-            vae.to(torch.float32)
+            torch.nn.Module.to(vae, torch.float32)
         try:
             yield vae
         finally:
             if upcast:
-                vae.to(torch.float16)
+                torch.nn.Module.to(vae, torch.float16)
 
     @torch.no_grad()
     def encode_image_latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -214,6 +226,8 @@ class OmniPortraitMixin:
         guidance = self.reference_guidance(rb_guidance, bound, height, width, num_images_per_prompt)
         latents = self.denoise(latents, timesteps, cond, guidance_scale, generator,
                                guidance.noise if guidance else None)
+        if guidance is not None:
+            guidance.finish()
         images = self.decode(latents, output_type, generator)
         self.maybe_free_model_hooks()
         return OmniPortraitOutput(images=images, identities=bound, guidance=guidance)

@@ -1,0 +1,142 @@
+"""Where one sampling step's time and memory go, per RB-Guidance feature pass, on the real architectures.
+
+Random weights in fp16 on CUDA (speed does not depend on weight values). For one model it times, with CUDA
+synchronised around each call: a plain CFG step, the same step with the attention recording the mask needs, a
+guided step (forward with grad, mask, energy, backward) in each feature pass, the VAE decode and the
+once-per-call identity binding (Pivot ID Encoder); then the allocator peak of each; the CUDA kernels of one
+guided step by device time (``torch.profiler``) and the sum of all kernel time, which, against the step's
+wall time, says whether the step waits on the GPU or on Python; last, the source lines where a step makes the
+CPU wait for the GPU.
+
+    python benchmarks/profile_step.py --model random-sdxl [--feature-pass cfg] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from omniportrait.benchmark import MODELS, device_name, model_components, placement
+from omniportrait.guidance.config import FEATURE_PASSES, RBGuidanceConfig
+from omniportrait.guidance.rb import ReferenceGuidance
+from omniportrait.pipelines import Identity
+from omniportrait.pipelines.loading import PIPELINE_CLASSES
+
+PROMPT = "a photo of a woman riding a bicycle"
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_ms(call, repeats: int) -> float:
+    call()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def peak_gib(call) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def sync_points(call) -> Counter:
+    """Where ``call`` makes the CPU wait for the GPU (``torch.cuda.set_sync_debug_mode``), by source line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+
+
+def step_calls(pipe, reference, size: int, device: torch.device) -> dict:
+    """Zero-argument calls of one sampling step at a guided timestep, per kind of step.
+
+    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state).
+    """
+    bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
+    cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
+    pipe.scheduler.set_timesteps(50)
+    t = pipe.scheduler.timesteps[30]
+    latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype)
+    guidance = {name: ReferenceGuidance(pipe, RBGuidanceConfig(feature_pass=name), bound, size, size, 1)
+                for name in FEATURE_PASSES}
+
+    def fresh(name: str) -> ReferenceGuidance:
+        for state in guidance.values():
+            state.store.clear()
+        return guidance[name]
+
+    calls = {"plain": lambda: pipe.predict_noise(latents, t, 0, cond, 7.5),
+             "plain+record": lambda: fresh("cfg").plain_noise(latents, t, cond, 7.5)}
+    for name in guidance:
+        calls[f"guided-{name}"] = lambda name=name: fresh(name).guided_noise(latents, t, cond, 7.5)
+    calls["vae-decode"] = lambda: fresh("cfg") and pipe.decode(latents, "pt")
+    calls["bind-identities"] = lambda: pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
+    return calls
+
+
+def kernel_table(call) -> str:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        call()
+        synchronize()
+        wall = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    kernel_ms = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3
+    table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+    return f"one guided step under the profiler: wall {wall:.1f} ms, kernels {kernel_ms:.1f} ms\n{table}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="random-sdxl", choices=list(MODELS), help="tiny-* checks the script on a CPU")
+    parser.add_argument("--reference", default="examples/astronaut.jpg")
+    parser.add_argument("--feature-pass", default="cfg", choices=FEATURE_PASSES, help="the pass profiled")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    from omniportrait.faces import prepare_reference
+    from omniportrait.images import load_image
+
+    arch, size = MODELS[args.model]
+    device, dtype = placement(args.model, torch.device("cuda"), torch.float16)
+    parts, pivot_encoder = model_components(args.model, device, dtype)
+    pipe = PIPELINE_CLASSES[arch](**parts, pivot_encoder=pivot_encoder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    calls = step_calls(pipe, prepare_reference(load_image(args.reference)), size, device)
+    weights = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    print(f"{args.model} {size}x{size}, {device_name(device)}, {dtype}; weights {weights:.2f} GiB")
+    times = {name: timed_ms(call, args.repeats) for name, call in calls.items()}
+    print("ms: " + ", ".join(f"{name} {ms:.1f}" for name, ms in times.items()), flush=True)
+    print("peak GiB: " + ", ".join(f"{name} {peak_gib(call):.2f}" for name, call in calls.items()), flush=True)
+    print(kernel_table(calls[f"guided-{args.feature_pass}"]))
+    print(kernel_table(calls["plain"]).replace("one guided step", "one plain step", 1))
+    if device.type == "cuda":
+        for name in ("plain", "plain+record", f"guided-{args.feature_pass}"):
+            points = sync_points(calls[name])
+            print(f"syncs {name}: {sum(points.values())} " + ", ".join(f"{k}×{v}" for k, v in points.most_common(8)))
+
+
+if __name__ == "__main__":
+    main()
