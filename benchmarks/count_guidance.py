@@ -7,6 +7,7 @@ feature capture (:mod:`omniportrait.guidance.features`):
     plain          CFG batch-2 forward without grad (one plain sampling step)
     cfg-full-graph CFG forward with grad through the whole UNet, backward from the DIFT features
     cfg            as shipped: CFG forward with grad up to the DIFT block only (no graph after it), backward
+    split          batch-1 unconditional forward without grad + batch-1 conditional forward as in cfg, backward
     separate       plain + a batch-1 conditional forward with grad stopped after the DIFT block, backward
 
 FLOPs come from ``torch.utils.flop_counter`` (matmul, conv, attention; elementwise ops are not counted).
@@ -31,7 +32,7 @@ from omniportrait.guidance.features import capture_features, features_only
 from omniportrait.models.architectures import sd15_unet, sdxl_unet
 
 ARCHS = {"sd15": (sd15_unet, 64, 768), "sdxl": (sdxl_unet, 128, 2048)}  # builder, latent side, text width
-VARIANTS = ("plain", "cfg-full-graph", "cfg", "separate")
+VARIANTS = ("plain", "cfg-full-graph", "cfg", "split", "separate")
 sdpa = F.scaled_dot_product_attention
 
 
@@ -78,12 +79,12 @@ def count_step(unet, arch: str, variant: str, latent: int, width: int) -> tuple[
     block, saved = DEFAULT_DIFT_BLOCK[arch], SavedBytes(unet)
     forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)  # one mode per pass
     with forward:
-        if variant in ("plain", "separate"):
+        if variant in ("plain", "separate", "split"):
             with torch.no_grad():
-                unet(**unet_inputs(arch, 2, latent, width))
+                unet(**unet_inputs(arch, 1 if variant == "split" else 2, latent, width))
         if variant == "plain":
             return forward.get_total_flops(), 0
-        inputs = unet_inputs(arch, 1 if variant == "separate" else 2, latent, width)
+        inputs = unet_inputs(arch, 1 if variant in ("separate", "split") else 2, latent, width)
         sample = inputs.pop("sample").requires_grad_(True)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor):
             if variant == "separate":

@@ -74,7 +74,7 @@ def step_calls(pipe, reference, size: int, device: torch.device) -> dict:
     """
     bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
     cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
-    pipe.scheduler.set_timesteps(50)
+    pipe.scheduler.set_timesteps(50, device=device)  # on the GPU, as the pipeline has them
     t = pipe.scheduler.timesteps[30]
     latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype)
     guidance = {name: ReferenceGuidance(pipe, RBGuidanceConfig(feature_pass=name), bound, size, size, 1)

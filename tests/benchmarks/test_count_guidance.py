@@ -7,12 +7,15 @@ from benchmarks.count_guidance import count_step
 from omniportrait.models.tiny import tiny_components
 
 
-def test_no_graph_after_the_dift_block_saves_memory_not_flops():
+def test_the_feature_passes_differ_in_what_they_compute_and_keep():
     config = tiny_components("sd15").components["unet"].config
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config).to(torch.float16).requires_grad_(False)
     counts = {variant: count_step(unet, "sd15", variant, 32, config.cross_attention_dim)
-              for variant in ("plain", "cfg-full-graph", "cfg", "separate")}
+              for variant in ("plain", "cfg-full-graph", "cfg", "split", "separate")}
     assert counts["plain"][0] > 0 and counts["plain"][1] == 0
     assert counts["cfg"][0] == counts["cfg-full-graph"][0] > counts["plain"][0]
     assert 0 < counts["separate"][1] < counts["cfg"][1] < counts["cfg-full-graph"][1]
+    # split: the same passes as cfg with the backward over the conditional half only
+    assert counts["plain"][0] < counts["split"][0] < counts["cfg"][0]
+    assert counts["split"][1] == counts["separate"][1]

@@ -73,6 +73,12 @@ def test_a_generation_warns_once_after_sampling_when_gradients_were_not_finite(t
     assert np.isfinite(out.images).all()
 
 
+def test_no_attention_is_kept_after_sampling(tiny_pipe, astronaut_reference):
+    out = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig())
+    assert out.guidance.record.guided_steps > 0
+    assert not out.guidance.store.self_qk and not out.guidance.store.cross_maps
+
+
 def test_cuda_timesteps_are_read_from_the_host_schedule(tiny_pipe, astronaut_reference):
     guidance, _, _ = guidance_at_step(tiny_pipe, astronaut_reference)
     on_device = torch.tensor(0, device="meta")  # stands in for a CUDA tensor, which int() would wait for
