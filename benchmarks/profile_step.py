@@ -111,7 +111,8 @@ def kernel_table(call) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="random-sdxl", choices=list(MODELS), help="tiny-* checks the script on a CPU")
+    parser.add_argument("--model", default="random-sdxl", choices=list(MODELS),
+                        help="tiny-* checks the script on a CPU")
     parser.add_argument("--reference", default="examples/astronaut.jpg")
     parser.add_argument("--feature-pass", default="cfg", choices=FEATURE_PASSES, help="the pass profiled")
     parser.add_argument("--repeats", type=int, default=5)

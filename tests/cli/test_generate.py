@@ -33,6 +33,16 @@ def test_writes_png_and_sidecar_and_is_reproducible(tmp_path, astronaut_path, ca
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
 
 
+def test_feature_pass_and_interval_reach_the_guidance_and_the_reproduce_line(tmp_path, astronaut_path):
+    out = tmp_path / "a.png"
+    assert generate("--reference", astronaut_path, "--prompt", "a woman on the beach", "--out", str(out),
+                    "--rb-feature-pass", "split", "--rb-interval", "2") == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["rb_guidance"]["feature_pass"] == "split" and meta["rb_guidance"]["gradient_interval"] == 2
+    reproduce = " ".join(meta["reproduce"])
+    assert "--rb-feature-pass split" in reproduce and "--rb-interval 2" in reproduce
+
+
 def test_several_images_and_identities(tmp_path, astronaut_path):
     out = tmp_path / "pair.png"
     assert generate("--identity", f"{astronaut_path}:man", "--identity", f"{astronaut_path}:woman",

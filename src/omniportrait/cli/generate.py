@@ -221,7 +221,8 @@ def asdict_flags(args) -> dict:
              "mask_iterations": "--mask-iterations", "mask_power": "--mask-power",
              "mask_threshold": "--mask-threshold", "feature_pass": "--rb-feature-pass",
              "gradient_interval": "--rb-interval"}
-    flags = {flag: getattr(chosen, name) for name, flag in names.items() if getattr(chosen, name) != getattr(defaults, name)}
+    flags = {flag: getattr(chosen, name) for name, flag in names.items()
+             if getattr(chosen, name) != getattr(defaults, name)}
     if not chosen.enabled:
         flags["--no-rb"] = True
     if not chosen.background_masking:
@@ -261,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
                           sidecar(args, pipe, identities, sources, seed, index, elapsed, sims))
         print(f"wrote {path} ({image.width}x{image.height}) and {path.with_suffix('.json').name}", file=sys.stderr)
         for item, sim in zip(identities, sims):
-            shown = "n/a (no face in the output, or no SIM backend: omniportrait[eval])" if sim is None else f"{sim:.3f}"
+            missing = "n/a (no face in the output, or no SIM backend: omniportrait[eval])"
+            shown = missing if sim is None else f"{sim:.3f}"
             print(f"  SIM to {item.class_word!r} reference: {shown}", file=sys.stderr)
     if args.save_masks and output.guidance is not None:
         from omniportrait.guidance.visualize import save_guidance_pictures
