@@ -61,3 +61,26 @@ def test_maps_keep_grad_for_training(unet_and_context):
         run(unet, context, extra)
     store.identity_maps().sum().backward()
     assert context.grad[:, 3].abs().sum() > 0
+
+
+def test_cross_maps_are_the_softmax_mass_on_each_identity_s_tokens():
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 3, 16, 8, generator=generator), torch.randn(2, 3, 77, 8, generator=generator)
+    mask = torch.zeros(2, 1, 1, 77)
+    mask[..., 70:] = float("-inf")  # padded tokens get no attention
+    store = AttentionStore([[3], [5, 6]], [], latent_size=(8, 8), rows=slice(1, 2))
+    store.record_cross(query, key, mask, scale=0.5)
+    probs = ((query[1:] @ key[1:].transpose(-1, -2)) * 0.5 + mask[1:]).softmax(-1)
+    expected = torch.stack([probs[..., [3]].sum(-1), probs[..., [5, 6]].sum(-1)], dim=1).mean(2)
+    assert torch.allclose(store.cross_maps[0], expected.unflatten(-1, (4, 4)), atol=1e-6)
+
+
+def test_recording_touches_only_the_recorded_layers(unet_and_context):
+    unet, _, _ = unet_and_context
+    store = AttentionStore([[3]], attention_layers(unet, 4, "attn2"), attention_layers(unet, 4, "attn1"),
+                           latent_size=(32, 32))
+    recorded = {name + ".processor" for name in store.cross_layers}
+    with record_attention(unet, store, self_attention=False):
+        inside = unet.attn_processors
+    changed = {name for name, processor in inside.items() if type(processor).__name__ == "RecordingAttnProcessor"}
+    assert changed == recorded

@@ -3,8 +3,9 @@
 Used by Reference-Based Guidance (regional mask, eq. 6) and by training (face localization loss, eq. 5).
 Processors follow diffusers' processor signature, write into an explicit :class:`AttentionStore`, and are
 installed only for the duration of a ``with record_attention(...)`` block (restored on exceptions too).
-Layers that record nothing keep their own (fast SDPA) processor. Only ``(hw × tokens)`` probabilities are
-formed, never an ``(hw)²`` matrix.
+Layers that record nothing keep their own (fast SDPA) processor. Recording layers attend with SDPA too; an
+identity's map is one more SDPA call with the indicator of its tokens as value, so no probability matrix is
+ever formed.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class AttentionStore:
     self_qk: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     _total: torch.Tensor | None = None
     _calls: int = 0
-    _indices: dict = field(default_factory=dict)
+    _indicators: dict = field(default_factory=dict)
 
     def clear(self) -> None:
         self.cross_maps.clear()
@@ -70,19 +71,32 @@ class AttentionStore:
         divisor = math.sqrt(height * width / tokens)
         return round(height / divisor), round(width / divisor)
 
-    def position_indices(self, device: torch.device) -> list[torch.Tensor]:
-        """Each identity's token positions as an index tensor on ``device``, made once: indexing with a Python
-        list would copy it to the GPU, and wait for the GPU, in every recorded layer."""
-        if device not in self._indices:
-            self._indices[device] = [torch.tensor(positions, device=device) for positions in self.positions]
-        return self._indices[device]
+    def token_indicator(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """``(tokens, n_id)`` 0/1 matrix of each identity's token positions, columns zero-padded to a multiple of 8
+        (for SDPA's fused kernels); made once per device and dtype."""
+        key = (tokens, like.device, like.dtype)
+        if key not in self._indicators:
+            indicator = torch.zeros(tokens, len(self.positions) + (-len(self.positions) % 8))
+            for column, positions in enumerate(self.positions):
+                indicator[positions, column] = 1.0
+            self._indicators[key] = indicator.to(like.device, like.dtype)
+        return self._indicators[key]
 
-    def record_cross(self, probs: torch.Tensor) -> None:
-        """``probs`` ``(B, heads, hw, T)`` -> per identity mass, head mean, as ``(B, n_id, h, w)``."""
-        probs = probs if self.rows is None else probs[self.rows]
-        probs = probs if self.keep_grad else probs.detach()
-        maps = torch.stack([probs.index_select(-1, index).sum(-1).mean(1)
-                            for index in self.position_indices(probs.device)], dim=1)
+    def record_cross(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> None:
+        """Per identity attention mass ``Σ_{j ∈ tokens} softmax(q·kᵀ·scale)_j``, head mean, as ``(B, n_id, h, w)``.
+
+        One SDPA call with the identities' token indicator as value: the probabilities are never materialised,
+        and a layer costs a handful of operations (a per-step cost on every recorded layer).
+        """
+        rows = self.rows if self.rows is not None else slice(None)
+        query, key = query[rows], key[rows]
+        mask = None if mask is None else mask[rows]
+        if not self.keep_grad:
+            query, key = query.detach(), key.detach()
+        batch, heads, _, _ = query.shape
+        indicator = self.token_indicator(key.shape[-2], query).expand(batch, heads, -1, -1)
+        mass = F.scaled_dot_product_attention(query, key, indicator, attn_mask=mask, scale=scale)
+        maps = mass[..., : len(self.positions)].mean(1).transpose(1, 2)  # (B, n_id, hw)
         self.cross_maps.append(maps.unflatten(-1, self.map_shape(maps.shape[-1])).float())
 
     def record_self(self, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -122,13 +136,9 @@ class RecordingAttnProcessor:
 
     def attend(self, attn, query, key, value, mask):
         if self.kind == CROSS:
-            scores = query @ key.transpose(-1, -2) * attn.scale
-            if mask is not None:
-                scores = scores + mask
-            probs = scores.float().softmax(dim=-1).to(query.dtype)
-            self.store.record_cross(probs)
-            return probs @ value
-        self.store.record_self(query, key)
+            self.store.record_cross(query, key, mask, attn.scale)
+        else:
+            self.store.record_self(query, key)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,

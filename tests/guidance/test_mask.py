@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from omniportrait.guidance.mask import assign_disjoint, minmax, refine_with_self_attention, regional_mask, sharpen
@@ -11,12 +12,14 @@ def test_minmax_and_sharpen_keep_unit_range_and_order():
     assert torch.equal(flat_x.argsort(-1), flat_y.argsort(-1))  # monotone map keeps the order
 
 
-def test_sdpa_refinement_equals_explicit_self_attention_product():
+@pytest.mark.parametrize("layers_per_call", [1, 2, 16])
+def test_sdpa_refinement_equals_explicit_self_attention_product(layers_per_call):
     torch.manual_seed(0)
     batch, heads, h, w, d, n = 2, 3, 4, 5, 8, 2
     maps = torch.rand(batch, n, h, w)
-    qk = [(torch.randn(batch, heads, h * w, d), torch.randn(batch, heads, h * w, d)) for _ in range(2)]
-    refined = refine_with_self_attention(maps, qk)
+    qk = [(torch.randn(batch, heads, h * w, d), torch.randn(batch, heads, h * w, d)) for _ in range(3)]
+    qk.append((torch.randn(batch, 2 * heads, h * w, d), torch.randn(batch, 2 * heads, h * w, d)))  # another shape
+    refined = refine_with_self_attention(maps, qk, layers_per_call)
     explicit = []
     for q, k in qk:
         attention = (q @ k.transpose(-1, -2) / d**0.5).softmax(-1).mean(1)  # (B, hw, hw), head mean

@@ -22,22 +22,38 @@ def sharpen(x: torch.Tensor, iterations: int = 3, power: float = 2.0) -> torch.T
     return x
 
 
-def refine_with_self_attention(maps: torch.Tensor, qk: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def refine_with_self_attention(maps: torch.Tensor, qk: list[tuple[torch.Tensor, torch.Tensor]],
+                               layers_per_call: int = 16) -> torch.Tensor:
     """``Â = A_s · x`` with ``A_s`` the head- and layer-averaged self-attention (eq. 6, outer part).
 
-    ``softmax(QKᵀ/√d)·x`` is one ``scaled_dot_product_attention`` call with the map as value, so the
-    ``(hw)²`` matrix is never built. The value's width is padded with zeros to a multiple of 8, which CUDA's
-    fused kernels need (with one column SDPA falls back to the math path: the full matrix, in fp32).
+    ``softmax(QKᵀ/√d)·x`` is a ``scaled_dot_product_attention`` call with the map as value, so the ``(hw)²``
+    matrix is never built; layers of one shape go through one call, up to ``layers_per_call`` at a time (a few
+    operations per step instead of a few per layer). The value's width is padded with zeros to a multiple of 8,
+    which CUDA's fused kernels need (with one column SDPA falls back to the math path: the full matrix, in fp32).
     ``maps``: ``(B, n, h, w)``; q, k: ``(B, heads, hw, d)`` at ``h×w``.
     """
     batch, count, height, width = maps.shape
     value = F.pad(maps.flatten(-2).transpose(1, 2), (0, -count % VALUE_ALIGNMENT))  # (B, hw, n padded)
-    refined = []
-    for query, key in qk:
-        heads = query.shape[1]
-        v = value.to(query.dtype)[:, None].expand(batch, heads, -1, -1)
-        refined.append(F.scaled_dot_product_attention(query, key, v)[..., :count].float().mean(1))
-    return torch.stack(refined).mean(0).transpose(1, 2).reshape(batch, count, height, width)
+    total = torch.zeros(batch, height * width, count, device=maps.device)
+    for group in same_shape_groups(qk, layers_per_call):
+        query, key = torch.cat([q for q, _ in group]), torch.cat([k for _, k in group])
+        layers, heads = len(group), query.shape[1]
+        v = value.to(query.dtype)[None, :, None].expand(layers, -1, heads, -1, -1).flatten(0, 1)
+        attended = F.scaled_dot_product_attention(query, key, v)[..., :count].float()  # (L·B, heads, hw, n)
+        total = total + attended.unflatten(0, (layers, batch)).mean(2).sum(0)
+    return (total / len(qk)).transpose(1, 2).reshape(batch, count, height, width)
+
+
+def same_shape_groups(qk: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[list]:
+    """Consecutive runs of layers whose q and k shapes match, each at most ``size`` long."""
+    groups: list[list] = []
+    for pair in qk:
+        last = groups[-1] if groups else None
+        if last and len(last) < size and last[0][0].shape == pair[0].shape and last[0][1].shape == pair[1].shape:
+            last.append(pair)
+        else:
+            groups.append([pair])
+    return groups
 
 
 def assign_disjoint(maps: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -1,0 +1,21 @@
+"""The operation counter that stands in for a CPU-bound GPU host: what it counts, on the tiny pipelines."""
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.count_ops import STEPS, operations
+from benchmarks.profile_step import step_calls
+
+
+def test_an_attention_call_counts_as_one_operation():
+    query, narrow_value = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 1).expand(-1, -1, -1, 8)
+    counts = operations(lambda: F.scaled_dot_product_attention(query, query, narrow_value))
+    assert counts == {"scaled_dot_product_attention": 1}
+    assert sum(operations(lambda: (query @ query.transpose(-1, -2)).softmax(-1)).values()) > 1
+
+
+def test_steps_dispatch_more_as_they_record_and_guide(tiny_pipe, astronaut_reference):
+    calls = step_calls(tiny_pipe, astronaut_reference, 64, torch.device("cpu"))
+    totals = {name: sum(operations(calls[name]).values()) for name in STEPS}
+    assert totals["plain"] < totals["plain+record"] < totals["guided-cfg"]
+    assert totals["guided-cfg"] < totals["guided-split"]  # two UNet passes per step
