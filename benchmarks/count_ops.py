@@ -85,9 +85,11 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         calls = step_calls(pipe, reference, args.size, torch.device("cpu"))
         print(f"{model}: operations per step (× plain step)", flush=True)
-        totals = {name: sum(operations(calls[name]).values()) for name in STEPS}
-        for name, total in totals.items():
-            print(f"  {name:16s} {total:6d}  {total / totals['plain']:5.2f}", flush=True)
+        plain = None
+        for name in STEPS:
+            total = sum(operations(calls[name]).values())
+            plain = plain or total
+            print(f"  {name:16s} {total:6d}  {total / plain:5.2f}", flush=True)
 
 
 if __name__ == "__main__":
