@@ -38,3 +38,16 @@ def test_energy_falls_as_similarity_rises_and_gradient_flows_to_generated_featur
     e.backward()
     assert d_gen.grad.abs().sum() > 0
     assert energy(torch.tensor(10.0), 8.5) < energy(torch.tensor(1.0), 8.5)
+
+
+def test_matches_stay_inside_the_generated_mask_and_an_empty_mask_scores_zero():
+    d_ref, d_gen = features(1), features(2).requires_grad_(True)
+    ref_mask = torch.ones(8, 8, dtype=torch.bool)
+    gen_mask = torch.zeros(8, 8, dtype=torch.bool)
+    gen_mask[4:, 4:] = True
+    result = match_features(d_gen, gen_mask, d_ref, ref_mask)
+    assert gen_mask.flatten()[result.matches].all() and len(result.matches) == 64
+    empty = match_features(d_gen, torch.zeros_like(gen_mask), d_ref, ref_mask)
+    assert empty.similarity == 0
+    empty.similarity.backward()
+    assert d_gen.grad.abs().sum() == 0

@@ -10,11 +10,21 @@ import torch.nn.functional as F
 
 @dataclass
 class Correspondence:
-    """``S`` (differentiable through the generated features) and the matched generated point per reference point."""
+    """``S`` (differentiable through the generated features) and, per reference point, its matched generated point."""
 
     similarity: torch.Tensor
-    matches: torch.Tensor  # flat index into the generated map, one per reference point
-    reference_points: torch.Tensor  # flat index into the reference map
+    nearest: torch.Tensor  # flat index into the generated map, one per point of the reference map
+    reference_mask: torch.Tensor  # flat boolean mask of the reference points that count
+
+    @property
+    def reference_points(self) -> torch.Tensor:
+        """Flat indices of the reference points inside ``M_ref``."""
+        return self.reference_mask.nonzero().flatten()
+
+    @property
+    def matches(self) -> torch.Tensor:
+        """The generated point matched to each of :attr:`reference_points`."""
+        return self.nearest[self.reference_mask]
 
 
 def match_features(generated: torch.Tensor, gen_mask: torch.Tensor, reference: torch.Tensor,
@@ -24,18 +34,18 @@ def match_features(generated: torch.Tensor, gen_mask: torch.Tensor, reference: t
     ``generated`` ``(C, hg, wg)`` and ``reference`` ``(C, hr, wr)`` are L2-normalised per point; each
     reference point inside ``ref_mask`` is matched, without grad, to its nearest generated point inside
     ``gen_mask`` (the paper's "p ∈ M^ref" under the argmin reads M^gen); then
-    ``S = Σ (cos(D_gen[p_gen], D_ref[p_ref]) + 1) / 2`` (or the mean).
+    ``S = Σ (cos(D_gen[p_gen], D_ref[p_ref]) + 1) / 2`` (or the mean). Shapes never depend on the masks: every
+    point is matched and the masks weigh the scores, so the GPU is never waited for (an empty ``gen_mask``
+    gives ``S = 0``).
     """
-    gen_points = gen_mask.flatten().nonzero().flatten()
-    ref_points = ref_mask.flatten().nonzero().flatten()
-    gen = F.normalize(generated.flatten(1)[:, gen_points].float(), dim=0)
-    ref = F.normalize(reference.flatten(1)[:, ref_points].float(), dim=0)
+    gen_inside, ref_inside = gen_mask.flatten(), ref_mask.flatten()
+    gen = F.normalize(generated.flatten(1).float(), dim=0)
+    ref = F.normalize(reference.flatten(1).float(), dim=0)
     with torch.no_grad():
-        nearest = (ref.T @ gen).argmax(dim=1)
-    cosine = (gen[:, nearest] * ref).sum(0)
-    scores = (cosine + 1) / 2
-    similarity = scores.sum() if reduction == "sum" else scores.mean()
-    return Correspondence(similarity, gen_points[nearest], ref_points)
+        nearest = (ref.T @ gen).masked_fill(~gen_inside, float("-inf")).argmax(dim=1)
+    scores = ((gen[:, nearest] * ref).sum(0) + 1) / 2 * (ref_inside & gen_inside.any())
+    similarity = scores.sum() if reduction == "sum" else scores.sum() / ref_inside.sum().clamp_min(1)
+    return Correspondence(similarity, nearest, ref_inside)
 
 
 def energy(similarity: torch.Tensor, strength: float) -> torch.Tensor:
