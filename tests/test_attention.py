@@ -72,7 +72,7 @@ def test_cross_maps_are_the_softmax_mass_on_each_identity_s_tokens():
     store.record_cross(query, key, mask, scale=0.5)
     probs = ((query[1:] @ key[1:].transpose(-1, -2)) * 0.5 + mask[1:]).softmax(-1)
     expected = torch.stack([probs[..., [3]].sum(-1), probs[..., [5, 6]].sum(-1)], dim=1).mean(2)
-    assert torch.allclose(store.cross_maps[0], expected.unflatten(-1, (4, 4)), atol=1e-6)
+    assert torch.allclose(store.identity_maps(), expected.unflatten(-1, (4, 4)), atol=1e-6)
 
 
 def test_recording_touches_only_the_recorded_layers(unet_and_context):
@@ -84,3 +84,19 @@ def test_recording_touches_only_the_recorded_layers(unet_and_context):
         inside = unet.attn_processors
     changed = {name for name, processor in inside.items() if type(processor).__name__ == "RecordingAttnProcessor"}
     assert changed == recorded
+
+
+def test_identity_maps_average_layers_of_several_sizes_at_one_size():
+    generator = torch.Generator().manual_seed(1)
+    store = AttentionStore([[3]], [], latent_size=(8, 8))
+    shapes = [(1, 2, 16, 8), (1, 2, 64, 8), (1, 2, 16, 8)]  # 4x4, 8x8, 4x4 maps
+    for shape in shapes:
+        store.record_cross(torch.randn(*shape, generator=generator), torch.randn(1, 2, 77, 8, generator=generator),
+                           None, scale=0.35)
+    single = []
+    for mass in store.cross_maps:
+        maps = mass[..., :1].mean(1).transpose(1, 2)
+        side = int(maps.shape[-1] ** 0.5)
+        single.append(torch.nn.functional.adaptive_avg_pool2d(maps.unflatten(-1, (side, side)), (4, 4)))
+    assert torch.allclose(store.identity_maps((4, 4)), torch.stack(single).mean(0), atol=1e-6)
+    assert store.identity_maps().shape == (1, 1, 4, 4)  # the first layer's size

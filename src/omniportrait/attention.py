@@ -83,32 +83,37 @@ class AttentionStore:
         return self._indicators[key]
 
     def record_cross(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> None:
-        """Per identity attention mass ``Σ_{j ∈ tokens} softmax(q·kᵀ·scale)_j``, head mean, as ``(B, n_id, h, w)``.
+        """Each identity's attention mass ``Σ_{j ∈ tokens} softmax(q·kᵀ·scale)_j`` per head, ``(B, heads, hw, ·)``.
 
-        One SDPA call with the identities' token indicator as value: the probabilities are never materialised,
-        and a layer costs a handful of operations (a per-step cost on every recorded layer).
+        One SDPA call with the identities' token indicator as value: the probabilities are never materialised.
+        The head and layer means wait for :meth:`identity_maps`, which takes them for all layers at once: a
+        recorded layer costs a handful of operations (on every recorded layer of every step).
         """
-        rows = self.rows if self.rows is not None else slice(None)
-        query, key = query[rows], key[rows]
-        mask = None if mask is None else mask[rows]
-        if not self.keep_grad:
+        if self.rows is not None:
+            query, key = query[self.rows], key[self.rows]
+            mask = None if mask is None else mask[self.rows]
+        if not self.keep_grad and torch.is_grad_enabled():
             query, key = query.detach(), key.detach()
         batch, heads, _, _ = query.shape
         indicator = self.token_indicator(key.shape[-2], query).expand(batch, heads, -1, -1)
-        mass = F.scaled_dot_product_attention(query, key, indicator, attn_mask=mask, scale=scale)
-        maps = mass[..., : len(self.positions)].mean(1).transpose(1, 2)  # (B, n_id, hw)
-        self.cross_maps.append(maps.unflatten(-1, self.map_shape(maps.shape[-1])).float())
+        self.cross_maps.append(F.scaled_dot_product_attention(query, key, indicator, attn_mask=mask, scale=scale))
 
     def record_self(self, query: torch.Tensor, key: torch.Tensor) -> None:
         rows = self.rows if self.rows is not None else slice(None)
         self.self_qk.append((query[rows].detach(), key[rows].detach()))
 
     def identity_maps(self, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Mean over the recorded layers of this call, each resized to ``size`` (default: the first's)."""
+        """``(B, n_id, h, w)``: each identity's mass, mean over heads and the recorded layers of this call, at
+        ``size`` (default: the first layer's map size). Layers of one shape are reduced together."""
         if not self.cross_maps:
             raise RuntimeError("no cross-attention was recorded; check the selected layers")
-        size = size or tuple(self.cross_maps[0].shape[-2:])
-        return torch.stack([resize_map(m, size) for m in self.cross_maps]).mean(0)
+        total = None
+        for group in group_by_shape(self.cross_maps):
+            summed = torch.stack(group)[..., : len(self.positions)].mean(2).sum(0)  # (B, hw, n_id), heads averaged
+            maps = summed.transpose(1, 2).unflatten(-1, self.map_shape(summed.shape[1])).float()
+            size = size or tuple(maps.shape[-2:])
+            total = resize_map(maps, size) + (0 if total is None else total)
+        return total / len(self.cross_maps)
 
     def accumulate(self) -> torch.Tensor:
         """Add this call's maps to the running mean over calls (steps) and return that mean."""
@@ -116,6 +121,14 @@ class AttentionStore:
         self._total = current if self._total is None else self._total + current
         self._calls += 1
         return self._total / self._calls
+
+
+def group_by_shape(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by shape, groups in order of first appearance."""
+    groups: dict[torch.Size, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.shape, []).append(tensor)
+    return list(groups.values())
 
 
 def resize_map(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -35,7 +35,7 @@ def refine_with_self_attention(maps: torch.Tensor, qk: list[tuple[torch.Tensor, 
     batch, count, height, width = maps.shape
     value = F.pad(maps.flatten(-2).transpose(1, 2), (0, -count % VALUE_ALIGNMENT))  # (B, hw, n padded)
     total = torch.zeros(batch, height * width, count, device=maps.device)
-    for group in same_shape_groups(qk, layers_per_call):
+    for group in layer_chunks(qk, layers_per_call):
         query, key = torch.cat([q for q, _ in group]), torch.cat([k for _, k in group])
         layers, heads = len(group), query.shape[1]
         v = value.to(query.dtype)[None, :, None].expand(layers, -1, heads, -1, -1).flatten(0, 1)
@@ -44,7 +44,7 @@ def refine_with_self_attention(maps: torch.Tensor, qk: list[tuple[torch.Tensor, 
     return (total / len(qk)).transpose(1, 2).reshape(batch, count, height, width)
 
 
-def same_shape_groups(qk: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[list]:
+def layer_chunks(qk: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[list]:
     """Consecutive runs of layers whose q and k shapes match, each at most ``size`` long."""
     groups: list[list] = []
     for pair in qk:
