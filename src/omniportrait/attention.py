@@ -99,8 +99,10 @@ class AttentionStore:
         self.cross_maps.append(F.scaled_dot_product_attention(query, key, indicator, attn_mask=mask, scale=scale))
 
     def record_self(self, query: torch.Tensor, key: torch.Tensor) -> None:
-        rows = self.rows if self.rows is not None else slice(None)
-        self.self_qk.append((query[rows].detach(), key[rows].detach()))
+        """Keep the self-attention q, k (selected rows) for the mask; its user takes no gradient through them."""
+        if self.rows is not None:
+            query, key = query[self.rows], key[self.rows]
+        self.self_qk.append((query, key))
 
     def identity_maps(self, size: tuple[int, int] | None = None) -> torch.Tensor:
         """``(B, n_id, h, w)``: each identity's mass, mean over heads and the recorded layers of this call, at

@@ -209,6 +209,7 @@ class ReferenceGuidance:
         return noise, features_only(self.pipe.unet, self.block, model_input, t, conditional.prompt_embeds,
                                     conditional.added_cond_kwargs)
 
+    @torch.no_grad()
     def generated_masks(self) -> torch.Tensor:
         """``M_gen`` per identity ``(B, n, h, w)`` from the running-mean cross-attention and this step's q/k."""
         mean_maps = self.store.accumulate()
