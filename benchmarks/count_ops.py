@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.profile_step import step_calls
-from omniportrait.benchmark import MODELS, model_components
+from omniportrait.benchmark import MODELS, model_components, step_calls
 from omniportrait.pipelines.loading import PIPELINE_CLASSES
 
 STEPS = ("plain", "plain+record", "guided-cfg", "guided-split", "guided-separate")

@@ -21,13 +21,9 @@ from pathlib import Path
 
 import torch
 
-from omniportrait.benchmark import MODELS, device_name, model_components, placement
-from omniportrait.guidance.config import FEATURE_PASSES, RBGuidanceConfig
-from omniportrait.guidance.rb import ReferenceGuidance
-from omniportrait.pipelines import Identity
+from omniportrait.benchmark import MODELS, device_name, model_components, placement, step_calls
+from omniportrait.guidance.config import FEATURE_PASSES
 from omniportrait.pipelines.loading import PIPELINE_CLASSES
-
-PROMPT = "a photo of a woman riding a bicycle"
 
 
 def synchronize() -> None:
@@ -65,33 +61,6 @@ def sync_points(call) -> Counter:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-
-
-def step_calls(pipe, reference, size: int, device: torch.device) -> dict:
-    """Zero-argument calls of one sampling step at a guided timestep, per kind of step.
-
-    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state).
-    """
-    bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
-    cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
-    pipe.scheduler.set_timesteps(50, device=device)  # on the GPU, as the pipeline has them
-    t = pipe.scheduler.timesteps[30]
-    latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype)
-    guidance = {name: ReferenceGuidance(pipe, RBGuidanceConfig(feature_pass=name), bound, size, size, 1)
-                for name in FEATURE_PASSES}
-
-    def fresh(name: str) -> ReferenceGuidance:
-        for state in guidance.values():
-            state.store.clear()
-        return guidance[name]
-
-    calls = {"plain": lambda: pipe.predict_noise(latents, t, 0, cond, 7.5),
-             "plain+record": lambda: fresh("cfg").plain_noise(latents, t, cond, 7.5)}
-    for name in guidance:
-        calls[f"guided-{name}"] = lambda name=name: fresh(name).guided_noise(latents, t, cond, 7.5)
-    calls["vae-decode"] = lambda: fresh("cfg") and pipe.decode(latents, "pt")
-    calls["bind-identities"] = lambda: pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
-    return calls
 
 
 def kernel_table(call) -> str:

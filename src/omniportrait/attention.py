@@ -18,6 +18,12 @@ import torch
 import torch.nn.functional as F
 
 CROSS, SELF = "attn2", "attn1"
+SDPA_VALUE_ALIGNMENT = 8  # CUDA's fused SDPA kernels want a value width that is a multiple of 8
+
+
+def aligned_width(columns: int) -> int:
+    """``columns`` rounded up to :data:`SDPA_VALUE_ALIGNMENT` (narrower values send SDPA to its fp32 math path)."""
+    return columns + (-columns % SDPA_VALUE_ALIGNMENT)
 
 
 def block_resolution_divisor(layer: str, num_blocks: int) -> int:
@@ -76,7 +82,7 @@ class AttentionStore:
         (for SDPA's fused kernels); made once per device and dtype."""
         key = (tokens, like.device, like.dtype)
         if key not in self._indicators:
-            indicator = torch.zeros(tokens, len(self.positions) + (-len(self.positions) % 8))
+            indicator = torch.zeros(tokens, aligned_width(len(self.positions)))
             for column, positions in enumerate(self.positions):
                 indicator[positions, column] = 1.0
             self._indicators[key] = indicator.to(like.device, like.dtype)
@@ -125,11 +131,11 @@ class AttentionStore:
         return self._total / self._calls
 
 
-def group_by_shape(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """``tensors`` grouped by shape, groups in order of first appearance."""
-    groups: dict[torch.Size, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault(tensor.shape, []).append(tensor)
+def group_by_shape(items: list, shape_of=lambda tensor: tensor.shape) -> list[list]:
+    """``items`` grouped by ``shape_of(item)``, groups in order of first appearance."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(shape_of(item), []).append(item)
     return list(groups.values())
 
 

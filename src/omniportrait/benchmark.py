@@ -203,3 +203,35 @@ def report_entry(config: BenchConfig, device: torch.device, dtype: torch.dtype, 
     return {"model": config.model, "size": config.resolution, "steps": config.steps,
             "guided_steps": config.guided_steps, "repeats": config.repeats, "device": device_name(device),
             "dtype": dtype_name(dtype), "rows": [dataclasses.asdict(row) for row in rows]}
+
+
+def step_calls(pipe, reference, size: int, device: torch.device) -> dict:
+    """Zero-argument calls of one sampling step at a guided timestep, per kind of step, for the per-step
+    benchmarks (``benchmarks/profile_step.py``, ``benchmarks/count_ops.py``).
+
+    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state).
+    """
+    from omniportrait.guidance.config import FEATURE_PASSES
+    from omniportrait.guidance.rb import ReferenceGuidance
+    from omniportrait.pipelines import Identity
+
+    bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
+    cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
+    pipe.scheduler.set_timesteps(50, device=device)  # on the GPU, as the pipeline has them
+    t = pipe.scheduler.timesteps[30]
+    latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype)
+    guidance = {name: ReferenceGuidance(pipe, RBGuidanceConfig(feature_pass=name), bound, size, size, 1)
+                for name in FEATURE_PASSES}
+
+    def fresh(name: str) -> ReferenceGuidance:
+        for state in guidance.values():
+            state.store.clear()
+        return guidance[name]
+
+    calls = {"plain": lambda: pipe.predict_noise(latents, t, 0, cond, 7.5),
+             "plain+record": lambda: fresh("cfg").plain_noise(latents, t, cond, 7.5)}
+    for name in guidance:
+        calls[f"guided-{name}"] = lambda name=name: fresh(name).guided_noise(latents, t, cond, 7.5)
+    calls["vae-decode"] = lambda: fresh("cfg") and pipe.decode(latents, "pt")
+    calls["bind-identities"] = lambda: pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
+    return calls

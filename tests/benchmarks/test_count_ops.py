@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.count_ops import STEPS, operations
-from benchmarks.profile_step import step_calls
+from omniportrait.benchmark import step_calls
 
 
 def test_an_attention_call_counts_as_one_operation():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-VALUE_ALIGNMENT = 8  # SDPA's fused CUDA kernels want head dims that are multiples of 8
+from omniportrait.attention import aligned_width, group_by_shape
 
 
 def minmax(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -33,7 +33,7 @@ def refine_with_self_attention(maps: torch.Tensor, qk: list[tuple[torch.Tensor, 
     ``maps``: ``(B, n, h, w)``; q, k: ``(B, heads, hw, d)`` at ``h×w``.
     """
     batch, count, height, width = maps.shape
-    value = F.pad(maps.flatten(-2).transpose(1, 2), (0, -count % VALUE_ALIGNMENT))  # (B, hw, n padded)
+    value = F.pad(maps.flatten(-2).transpose(1, 2), (0, aligned_width(count) - count))  # (B, hw, n padded)
     total = torch.zeros(batch, height * width, count, device=maps.device)
     for group in layer_chunks(qk, layers_per_call):
         query, key = torch.cat([q for q, _ in group]), torch.cat([k for _, k in group])
@@ -45,15 +45,9 @@ def refine_with_self_attention(maps: torch.Tensor, qk: list[tuple[torch.Tensor, 
 
 
 def layer_chunks(qk: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[list]:
-    """Consecutive runs of layers whose q and k shapes match, each at most ``size`` long."""
-    groups: list[list] = []
-    for pair in qk:
-        last = groups[-1] if groups else None
-        if last and len(last) < size and last[0][0].shape == pair[0].shape and last[0][1].shape == pair[1].shape:
-            last.append(pair)
-        else:
-            groups.append([pair])
-    return groups
+    """Layers whose q and k shapes match, in chunks of at most ``size``."""
+    groups = group_by_shape(qk, lambda pair: (pair[0].shape, pair[1].shape))
+    return [group[start : start + size] for group in groups for start in range(0, len(group), size)]
 
 
 def assign_disjoint(maps: torch.Tensor, threshold: float) -> torch.Tensor:
