@@ -21,10 +21,11 @@ export PYTHONPATH="$SITE:$PWD/src:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee "$OUT/env.txt"
 "$PYTHON" -m omniportrait.cli bench --reference examples/astronaut.jpg --models ${MODELS:-random-sdxl random-sd15} \
-    --variants ${VARIANTS:-rb-off rb-cfg rb-split rb-separate rb-cfg-interval-2 rb-split-interval-2} \
+    --variants ${VARIANTS:-rb-off rb-cfg rb-split rb-separate rb-cfg-interval-2 rb-split-interval-2 rb-cfg-graph \
+    rb-split-graph} \
     --steps "${STEPS:-50}" --repeats "${REPEATS:-1}" --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
 for model in ${PROFILE:-random-sdxl random-sd15}; do
     [ "$model" = none ] && break
     "$PYTHON" benchmarks/profile_step.py --model "$model" > "$OUT/profile-$model.txt" 2>&1
-    grep -E "^(random|tiny)|^ms|^peak|^syncs|^one" "$OUT/profile-$model.txt"
+    grep -E "^(random|tiny)|^ms|^peak|^graph|^syncs|^one" "$OUT/profile-$model.txt"
 done

@@ -2,11 +2,12 @@
 
 Random weights in fp16 on CUDA (speed does not depend on weight values). For one model it times, with CUDA
 synchronised around each call: a plain CFG step, the same step with the attention recording the mask needs, a
-guided step (forward with grad, mask, energy, backward) in each feature pass, the VAE decode and the
-once-per-call identity binding (Pivot ID Encoder); then the allocator peak of each; the CUDA kernels of one
-guided step by device time (``torch.profiler``) and the sum of all kernel time, which, against the step's
-wall time, says whether the step waits on the GPU or on Python; last, the source lines where a step makes the
-CPU wait for the GPU.
+guided step (forward with grad, mask, energy, backward) in each feature pass, eager and (``cfg``, ``split``)
+replayed as a CUDA graph, the VAE decode and the once-per-call identity binding (Pivot ID Encoder); then the
+allocator peak of each; how far a short generation with CUDA-graph steps lands from the eager one; the CUDA
+kernels of one guided step by device time (``torch.profiler``) and the sum of all kernel time, which, against
+the step's wall time, says whether the step waits on the GPU or on Python; last, the source lines where a step
+makes the CPU wait for the GPU.
 
     python benchmarks/profile_step.py --model random-sdxl [--feature-pass cfg] [--repeats 5]
 """
@@ -21,7 +22,15 @@ from pathlib import Path
 
 import torch
 
-from omniportrait.benchmark import MODELS, device_name, model_components, placement, step_calls
+from omniportrait.benchmark import (
+    GRAPHED_PASSES,
+    MODELS,
+    PROMPT,
+    device_name,
+    model_components,
+    placement,
+    step_calls,
+)
 from omniportrait.guidance.config import FEATURE_PASSES
 from omniportrait.pipelines.loading import PIPELINE_CLASSES
 
@@ -63,6 +72,24 @@ def sync_points(call) -> Counter:
     return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
 
 
+def graph_agreement(pipe, reference, size: int, steps: int = 10) -> str:
+    """Final latents of a short generation with the guided steps as CUDA graphs against eager ones, per graphed
+    feature pass (the same kernels run, so the difference should be at rounding level)."""
+    from omniportrait.guidance import RBGuidanceConfig
+    from omniportrait.pipelines import Identity
+
+    def latents(**config) -> torch.Tensor:
+        return pipe(PROMPT, [Identity(reference, "woman")], height=size, width=size, num_inference_steps=steps,
+                    output_type="latent", generator=torch.Generator().manual_seed(0),
+                    rb_guidance=RBGuidanceConfig(**config)).images.float()
+
+    lines = []
+    for name in GRAPHED_PASSES:
+        eager, graphed = latents(feature_pass=name), latents(feature_pass=name, cuda_graph=True)
+        lines.append(f"{name} max|Δ| {(graphed - eager).abs().max():.2e} (max |z| {eager.abs().max():.2f})")
+    return f"graph vs eager latents after {steps} steps: " + "; ".join(lines)
+
+
 def kernel_table(call) -> str:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -94,12 +121,15 @@ def main() -> None:
     parts, pivot_encoder = model_components(args.model, device, dtype)
     pipe = PIPELINE_CLASSES[arch](**parts, pivot_encoder=pivot_encoder).to(device)
     pipe.set_progress_bar_config(disable=True)
-    calls = step_calls(pipe, prepare_reference(load_image(args.reference)), size, device)
+    reference = prepare_reference(load_image(args.reference))
+    calls = step_calls(pipe, reference, size, device)
     weights = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     print(f"{args.model} {size}x{size}, {device_name(device)}, {dtype}; weights {weights:.2f} GiB")
     times = {name: timed_ms(call, args.repeats) for name, call in calls.items()}
     print("ms: " + ", ".join(f"{name} {ms:.1f}" for name, ms in times.items()), flush=True)
     print("peak GiB: " + ", ".join(f"{name} {peak_gib(call):.2f}" for name, call in calls.items()), flush=True)
+    if device.type == "cuda":
+        print(graph_agreement(pipe, reference, size), flush=True)
     print(kernel_table(calls[f"guided-{args.feature_pass}"]))
     print(kernel_table(calls["plain"]).replace("one guided step", "one plain step", 1))
     if device.type == "cuda":

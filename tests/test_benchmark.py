@@ -1,11 +1,19 @@
 """Side-by-side benchmark of our pipelines against diffusers' plain pipeline, on the tiny SD1.5 preset."""
 
+import time
+
 import pytest
 import torch
 
-import time
-
-from omniportrait.benchmark import PLAIN, BenchConfig, format_row, placement, run_benchmark, timed_once
+from omniportrait.benchmark import (
+    PLAIN,
+    BenchConfig,
+    PeakBeforeDecode,
+    format_row,
+    placement,
+    run_benchmark,
+    timed_once,
+)
 from omniportrait.errors import ConfigError
 
 
@@ -38,6 +46,12 @@ def test_plain_runs_first_and_once():
     assert config.all_variants == (PLAIN, "rb-cfg", "rb-off")
 
 
+def test_cuda_graph_variants_run_on_cuda_only():
+    config = BenchConfig("random-sdxl", variants=("rb-cfg", "rb-cfg-graph", "rb-split-graph"))
+    assert config.variants_on(torch.device("cpu")) == (PLAIN, "rb-cfg")
+    assert config.variants_on(torch.device("cuda")) == config.all_variants
+
+
 def test_rows_start_with_plain_and_are_ratios_to_it(astronaut_reference):
     config = BenchConfig("tiny-sd15", steps=3, repeats=1, variants=("rb-off", "rb-cfg-interval-2"))
     seen = []
@@ -46,6 +60,18 @@ def test_rows_start_with_plain_and_are_ratios_to_it(astronaut_reference):
     assert seen == [PLAIN, "rb-off", "rb-cfg-interval-2"] * 2  # a warm-up round, then the timed round
     assert rows[0].ratio == 1.0
     for row in rows:
-        assert row.seconds > 0 and row.peak_gib is None
+        assert row.seconds > 0 and row.peak_gib is None and row.sampling_peak_gib is None
         assert row.ratio == pytest.approx(row.seconds / rows[0].seconds)
-    assert format_row(rows[1]).split()[0] == "rb-off" and format_row(rows[1]).endswith("n/a")
+    assert format_row(rows[1]).split()[0] == "rb-off" and format_row(rows[1]).split()[-2:] == ["n/a", "n/a"]
+
+
+def test_the_sampling_peak_is_read_when_decoding_starts():
+    from omniportrait.models.tiny import tiny_vae
+
+    vae, readings = tiny_vae(), iter([1.5, 2.5])
+    before_decode = PeakBeforeDecode(vae, lambda: next(readings))
+    assert before_decode.gib is None
+    vae.encode(torch.zeros(1, 3, 32, 32))
+    assert before_decode.gib is None  # encoding the reference is not decoding
+    vae.decode(torch.zeros(1, 4, 4, 4))
+    assert before_decode.gib == 1.5

@@ -65,7 +65,7 @@ class AttentionStore:
     cross_maps: list[torch.Tensor] = field(default_factory=list)
     self_qk: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     _total: torch.Tensor | None = None
-    _calls: int = 0
+    _calls: torch.Tensor | None = None
     _indicators: dict = field(default_factory=dict)
 
     def clear(self) -> None:
@@ -124,10 +124,15 @@ class AttentionStore:
         return total / len(self.cross_maps)
 
     def accumulate(self) -> torch.Tensor:
-        """Add this call's maps to the running mean over calls (steps) and return that mean."""
+        """Add this call's maps to the running mean over calls (steps) and return that mean.
+
+        The sum and the count are tensors updated in place, so a step replayed as a CUDA graph adds to them too.
+        """
         current = self.identity_maps().detach()
-        self._total = current if self._total is None else self._total + current
-        self._calls += 1
+        if self._total is None:
+            self._total, self._calls = torch.zeros_like(current), torch.zeros((), device=current.device)
+        self._total.add_(current)
+        self._calls.add_(1)
         return self._total / self._calls
 
 

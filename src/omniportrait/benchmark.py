@@ -13,7 +13,7 @@ import dataclasses
 import gc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,7 +33,10 @@ VARIANTS: dict[str, RBGuidanceConfig | None] = {
     "rb-cfg-interval-2": RBGuidanceConfig(gradient_interval=2),
     "rb-split-interval-2": RBGuidanceConfig(feature_pass="split", gradient_interval=2),
     "rb-separate-interval-2": RBGuidanceConfig(feature_pass="separate", gradient_interval=2),
+    "rb-cfg-graph": RBGuidanceConfig(cuda_graph=True),
+    "rb-split-graph": RBGuidanceConfig(feature_pass="split", cuda_graph=True),
 }
+GRAPHED_PASSES = ("cfg", "split")  # the feature passes step_calls also times as CUDA graphs
 MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "random-sd15": ("sd15", 512),
           "random-sdxl": ("sdxl", 1024)}
 
@@ -71,10 +74,19 @@ class BenchConfig:
         """The variants that run: diffusers' plain pipeline first, then the requested ones."""
         return (PLAIN, *[name for name in self.variants if name != PLAIN])
 
+    def variants_on(self, device: torch.device) -> tuple[str, ...]:
+        """:attr:`all_variants` that run on ``device``: CUDA-graph variants need CUDA."""
+        return tuple(name for name in self.all_variants if device.type == "cuda" or not needs_cuda(name))
+
     @property
     def guided_steps(self) -> int:
         """Steps with ``t <= u·T`` under the default schedule, for the report."""
         return round(self.steps * RBGuidanceConfig().start)
+
+
+def needs_cuda(variant: str) -> bool:
+    guidance = VARIANTS[variant]
+    return guidance is not None and guidance.cuda_graph
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,7 @@ class BenchRow:
     seconds: float
     ratio: float
     peak_gib: float | None
+    sampling_peak_gib: float | None = None  # the peak before the VAE decode: text encoding and sampling
 
 
 def placement(model: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
@@ -120,6 +133,11 @@ def model_components(model: str, device: torch.device, dtype: torch.dtype) -> tu
     return real_components(arch, dtype=dtype, device=str(device))
 
 
+def allocator_peak_gib(device: torch.device) -> float | None:
+    """CUDA's allocator peak since the last reset, in GiB (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def timed_once(call: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
     """Wall time of one call, and its CUDA allocator peak in GiB (None off CUDA)."""
     cuda = device.type == "cuda"
@@ -131,7 +149,20 @@ def timed_once(call: Callable[[], object], device: torch.device) -> tuple[float,
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return seconds, (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+    return seconds, allocator_peak_gib(device)
+
+
+class PeakBeforeDecode:
+    """Reads ``measure()`` (the allocator peak) when the VAE starts decoding: the peak of text encoding and
+    sampling without the decode, which on SDXL (decoded in fp32, as diffusers does) is the peak of a plain
+    generation. Both pipelines share the VAE, so one hook serves every variant."""
+
+    def __init__(self, vae, measure: Callable[[], float | None]):
+        self.measure, self.gib = measure, None
+        vae.decoder.register_forward_pre_hook(self.read)
+
+    def read(self, module, args) -> None:
+        self.gib = self.measure()
 
 
 def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, device) -> dict[str, Callable]:
@@ -156,12 +187,13 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
             return lambda: plain(PROMPT, **common, generator=generator())
         return lambda: ours(PROMPT, identities, **common, generator=generator(), rb_guidance=guidance)
 
-    return {name: call(VARIANTS[name]) for name in config.all_variants}
+    return {name: call(VARIANTS[name]) for name in config.variants_on(device)}
 
 
 def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: torch.dtype,
                   on_call: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """One row per variant, diffusers' plain pipeline first: its best time, ratio to plain, and highest peak.
+    """One row per variant that runs on ``device``, diffusers' plain pipeline first: its best time, ratio to plain,
+    and highest peak.
 
     Every variant is warmed up once, then all are timed in rounds (plain, a, b, …, plain, a, b, …) so that a
     machine's slow drift falls on every variant alike. ``on_call`` is told each call's variant, for progress.
@@ -169,18 +201,24 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
     release_memory(device)
     parts, pivot_encoder = model_components(config.model, device, dtype)
     calls = variant_calls(config, parts, pivot_encoder, reference, device)
+    before_decode = PeakBeforeDecode(parts["vae"], lambda: allocator_peak_gib(device))
     best = {name: float("inf") for name in calls}
-    peaks: dict[str, float | None] = {name: None for name in calls}
+    peaks: dict[str, list[float | None]] = {name: [None, None] for name in calls}  # whole call, before decode
     with torch.no_grad():
         for timed_round in range(config.repeats + 1):
             for name, call in calls.items():
+                before_decode.gib = None
                 seconds, peak = timed_once(call, device)
                 if timed_round > 0:  # round 0 warms up
                     best[name] = min(best[name], seconds)
-                    peaks[name] = peak if peaks[name] is None else max(peaks[name], peak)
+                    peaks[name] = [highest(*pair) for pair in zip(peaks[name], (peak, before_decode.gib))]
                 if on_call is not None:
                     on_call(name)
-    return [BenchRow(name, best[name], best[name] / best[PLAIN], peaks[name]) for name in calls]
+    return [BenchRow(name, best[name], best[name] / best[PLAIN], *peaks[name]) for name in calls]
+
+
+def highest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -190,12 +228,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 def table_header(config: BenchConfig, device: torch.device, dtype: torch.dtype) -> str:
     return (f"{config.model} {config.resolution}x{config.resolution}, {config.steps} steps "
             f"({config.guided_steps} guided), {device_name(device)}, {dtype_name(dtype)}\n"
-            f"{'variant':26s} {'seconds':>9s} {'x plain':>8s} {'peak GiB':>9s}")
+            f"{'variant':26s} {'seconds':>9s} {'x plain':>8s} {'peak GiB':>9s} {'sampling GiB':>13s}")
 
 
 def format_row(row: BenchRow) -> str:
-    peak = f"{row.peak_gib:9.2f}" if row.peak_gib is not None else f"{'n/a':>9s}"
-    return f"{row.variant:26s} {row.seconds:9.3f} {row.ratio:8.2f} {peak}"
+    peak, sampling = (f"{gib:.2f}" if gib is not None else "n/a" for gib in (row.peak_gib, row.sampling_peak_gib))
+    return f"{row.variant:26s} {row.seconds:9.3f} {row.ratio:8.2f} {peak:>9s} {sampling:>13s}"
 
 
 def report_entry(config: BenchConfig, device: torch.device, dtype: torch.dtype, rows: list[BenchRow]) -> dict:
@@ -209,7 +247,8 @@ def step_calls(pipe, reference, size: int, device: torch.device) -> dict:
     """Zero-argument calls of one sampling step at a guided timestep, per kind of step, for the per-step
     benchmarks (``benchmarks/profile_step.py``, ``benchmarks/count_ops.py``).
 
-    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state).
+    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state). On
+    CUDA, ``guided-cfg-graph`` and ``guided-split-graph`` are those steps as CUDA graphs.
     """
     from omniportrait.guidance.config import FEATURE_PASSES
     from omniportrait.guidance.rb import ReferenceGuidance
@@ -220,8 +259,10 @@ def step_calls(pipe, reference, size: int, device: torch.device) -> dict:
     pipe.scheduler.set_timesteps(50, device=device)  # on the GPU, as the pipeline has them
     t = pipe.scheduler.timesteps[30]
     latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype)
-    guidance = {name: ReferenceGuidance(pipe, RBGuidanceConfig(feature_pass=name), bound, size, size, 1)
-                for name in FEATURE_PASSES}
+    configs = {name: RBGuidanceConfig(feature_pass=name) for name in FEATURE_PASSES}
+    if device.type == "cuda":  # captured once, replayed on the later calls
+        configs.update({f"{name}-graph": replace(configs[name], cuda_graph=True) for name in GRAPHED_PASSES})
+    guidance = {name: ReferenceGuidance(pipe, config, bound, size, size, 1) for name, config in configs.items()}
 
     def fresh(name: str) -> ReferenceGuidance:
         for state in guidance.values():

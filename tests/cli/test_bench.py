@@ -19,6 +19,14 @@ def test_prints_a_table_and_writes_json(tmp_path, astronaut_path, capsys):
     assert report["rows"][0]["ratio"] == 1.0
 
 
+def test_cuda_graph_variants_are_named_not_run_on_the_cpu(tmp_path, astronaut_path, capsys):
+    assert main(["bench", "--reference", astronaut_path, "--models", "tiny-sd15", "--steps", "2", "--repeats", "1",
+                 "--variants", "rb-off", "rb-cfg-graph"]) == 0
+    printed = capsys.readouterr().out
+    assert "not run on cpu (CUDA only): rb-cfg-graph" in printed
+    assert "rb-off" in printed.split("not run")[0] and "rb-cfg-graph" not in printed.split("not run")[0]
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path, astronaut_path, capsys):
     assert main(["bench", "--reference", astronaut_path, "--models", "tiny-sd15", "--steps", "0"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -72,11 +72,12 @@ def bad_inputs(tmp_path, astronaut_path):
                                "does not exist"),
         "bad out": (["--reference", astronaut_path, *ok, "--out", str(tmp_path / "x.jpg")], ".png"),
         "bad identity": (["--identity", "just-a-path", *ok], "PHOTO:WORD"),
+        "cuda graph on cpu": (["--reference", astronaut_path, *ok, "--rb-cuda-graph"], "need a CUDA device"),
     }
 
 
 CASES = ["missing file", "not an image", "corrupt", "no face", "no class word", "word not in prompt",
-         "unknown preset", "missing checkpoint", "bad out", "bad identity"]
+         "unknown preset", "missing checkpoint", "bad out", "bad identity", "cuda graph on cpu"]
 
 
 @pytest.mark.parametrize("case", CASES)

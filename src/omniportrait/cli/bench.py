@@ -67,11 +67,13 @@ def run(args: argparse.Namespace) -> int:
         if model_device.type == "cpu" and not config.model.startswith("tiny-"):
             warnings.warn(f"{config.model} is slow on the CPU (seconds to minutes per step); use few --steps or a GPU",
                           stacklevel=1)
-        with tqdm(total=(config.repeats + 1) * len(config.all_variants), desc=config.model, unit="call",
-                  file=sys.stderr, leave=False) as bar:
+        with tqdm(total=(config.repeats + 1) * len(config.variants_on(model_device)), desc=config.model,
+                  unit="call", file=sys.stderr, leave=False) as bar:
             rows = run_benchmark(config, reference, model_device, dtype, on_call=lambda name: bar.update())
         print(table_header(config, model_device, dtype))
-        print("\n".join(format_row(row) for row in rows) + "\n", flush=True)
+        print("\n".join(format_row(row) for row in rows), flush=True)
+        skipped = [name for name in config.all_variants if name not in config.variants_on(model_device)]
+        print(f"not run on {model_device.type} (CUDA only): {', '.join(skipped)}\n" if skipped else "", flush=True)
         report.append(report_entry(config, model_device, dtype, rows))
     if args.json:
         write_json_atomic(args.json, report)

@@ -70,6 +70,9 @@ def add_guidance_arguments(p) -> None:
                         "grad plus a partial conditional pass")
     g.add_argument("--rb-interval", type=int, default=d.gradient_interval, metavar="N",
                    help="recompute the guidance gradient every N-th guided step, reuse it in between (paper: 1)")
+    g.add_argument("--rb-cuda-graph", action="store_true",
+                   help="capture the guided step as a CUDA graph once and replay it (CUDA, DDIM; same images, "
+                        "less host overhead)")
     g.add_argument("--save-masks", default=None, metavar="DIR", help="write M_gen, M_ref and matches as PNGs")
 
 
@@ -79,7 +82,7 @@ def guidance_config(args) -> RBGuidanceConfig:
         dift_ensemble=args.dift_ensemble, dift_block=args.dift_block, reduction=args.rb_reduction,
         mask_iterations=args.mask_iterations, mask_power=args.mask_power, mask_threshold=args.mask_threshold,
         background_masking=not args.no_background_mask, feature_pass=args.rb_feature_pass,
-        gradient_interval=args.rb_interval,
+        gradient_interval=args.rb_interval, cuda_graph=args.rb_cuda_graph,
     )
 
 
@@ -227,6 +230,8 @@ def asdict_flags(args) -> dict:
         flags["--no-rb"] = True
     if not chosen.background_masking:
         flags["--no-background-mask"] = True
+    if chosen.cuda_graph:
+        flags["--rb-cuda-graph"] = True
     return flags
 
 

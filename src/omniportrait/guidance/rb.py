@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from omniportrait.attention import AttentionStore, attention_layers, record_attention
+from omniportrait.errors import ConfigError
 from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK, RBGuidanceConfig
 from omniportrait.guidance.energy import Correspondence, energy, match_features
 from omniportrait.guidance.features import capture_features, features_only, noisy_reference_latents
+from omniportrait.guidance.graph import CudaGraphs, GraphedStep, replays_without_input_scaling
 from omniportrait.guidance.mask import regional_mask, resize_mask
 from omniportrait.pipelines.base import classifier_free
 from omniportrait.pipelines.identity import BoundIdentity, locate_class_word
@@ -42,8 +44,9 @@ class ReferenceFeatures:
 class StepRecord:
     """What the last guided step saw (kept for ``--save-masks``), and counts over the generation.
 
-    Non-finite gradients are counted on the gradient's device and read only when asked for, so sampling never
-    waits for the GPU to finish a backward pass before it queues the next step.
+    Non-finite gradients are counted on the gradient's device, in place (a replayed CUDA graph adds to the same
+    counter), and read only when asked for, so sampling never waits for the GPU to finish a backward pass before
+    it queues the next step.
     """
 
     gen_masks: torch.Tensor | None = None
@@ -55,9 +58,20 @@ class StepRecord:
     energies: list[torch.Tensor] = field(default_factory=list)
     gradients: list[torch.Tensor] = field(default_factory=list)
 
-    def count_gradient(self, finite: torch.Tensor) -> None:
-        self.gradient_steps += 1
-        self.nonfinite = (~finite).int() + (0 if self.nonfinite is None else self.nonfinite)
+    def count_nonfinite(self, finite: torch.Tensor) -> None:
+        if self.nonfinite is None:
+            self.nonfinite = torch.zeros((), dtype=torch.int32, device=finite.device)
+        self.nonfinite.add_((~finite).int())
+
+    def copied(self) -> "StepRecord":
+        """This record with its own copies of the last step's tensors (a replayed CUDA graph's outputs live in the
+        graph's memory pool, which is freed only once nothing refers to it)."""
+        correspondences = [[replace(c, similarity=c.similarity.clone(), nearest=c.nearest.clone(),
+                                    reference_mask=c.reference_mask.clone()) for c in per_image]
+                           for per_image in self.correspondences]
+        return replace(self, gen_masks=None if self.gen_masks is None else self.gen_masks.clone(),
+                       correspondences=correspondences, energies=[e.clone() for e in self.energies],
+                       gradients=[g.clone() for g in self.gradients])
 
     @property
     def skipped_steps(self) -> int:
@@ -79,6 +93,8 @@ def dift_block_for(pipe, config: RBGuidanceConfig) -> int:
 class ReferenceGuidance:
     """State and step function of RB-Guidance for one call of an OmniPortrait pipeline."""
 
+    graph_backend = CudaGraphs  # how ``cuda_graph`` steps are captured (see omniportrait.guidance.graph)
+
     def __init__(self, pipe, config: RBGuidanceConfig, bound: list[BoundIdentity], height: int, width: int,
                  num_images: int):
         self.pipe, self.config, self.bound = pipe, config, bound
@@ -92,6 +108,10 @@ class ReferenceGuidance:
         self.active_steps = 0
         self.last_gradient: torch.Tensor | None = None
         self._schedule: list[float] | None = None
+        self._graph: GraphedStep | None = None
+        self._graph_inputs: tuple | None = None  # the conditioning and scale the graph was captured with
+        if config.cuda_graph:
+            self.graph_backend.check(pipe.unet.device)
 
     # ----- setup ------------------------------------------------------------------------------------------
     def attention_store(self, rows: slice | None) -> AttentionStore:
@@ -143,9 +163,12 @@ class ReferenceGuidance:
 
     def finish(self) -> None:
         """End of sampling: drop the last step's attention (SDXL: ~0.3 GiB of q/k, which would otherwise stay
-        alive through the VAE decode, the peak of a generation) and warn once if any gradient was not finite
-        (checked here, not at every step)."""
+        alive through the VAE decode, the peak of a generation) and the captured step with its memory, and warn
+        once if any gradient was not finite (checked here, not at every step)."""
         self.store.clear()
+        if self._graph is not None:
+            self.record, self.last_gradient = self.record.copied(), None
+            self._graph = self._graph_inputs = None
         skipped = self.record.skipped_steps
         if skipped:
             warnings.warn(NON_FINITE_WARNING.format(skipped), stacklevel=3)
@@ -163,7 +186,32 @@ class ReferenceGuidance:
         return noise + self.last_gradient.to(noise.dtype)
 
     def noise_and_gradient(self, latents, t, cond, guidance_scale: float, masks: torch.Tensor | None = None):
-        """``(ε_cfg, Σ_i M_gen,i ⊙ ∇E_i)`` at ``z_t``; ``masks`` fixes ``M_gen`` instead of computing it."""
+        """``(ε_cfg, Σ_i M_gen,i ⊙ ∇E_i)`` at ``z_t``; ``masks`` fixes ``M_gen`` instead of computing it.
+
+        With ``cuda_graph`` the step is captured on its first call and replayed after (:mod:`.graph`).
+        """
+        self.record.gradient_steps += 1
+        if not self.config.cuda_graph or masks is not None:
+            return self.compute_noise_and_gradient(latents, t, cond, guidance_scale, masks)
+        return self.graphed_step(latents, t, cond, guidance_scale)(latents, torch.as_tensor(t, device=latents.device))
+
+    def graphed_step(self, latents, t, cond, guidance_scale: float) -> GraphedStep:
+        """The captured step for this conditioning and scale (captured again if either changes)."""
+        if self._graph is None or self._graph_inputs[0] is not cond or self._graph_inputs[1] != guidance_scale:
+            if not replays_without_input_scaling(self.pipe.scheduler, latents, t):
+                raise ConfigError(f"CUDA graphs need a scheduler that does not scale the model input (DDIM, the "
+                                  f"default); {type(self.pipe.scheduler).__name__} does")
+
+            def step(z, timestep):
+                return self.compute_noise_and_gradient(z, timestep, cond, guidance_scale)
+
+            self._graph, self._graph_inputs = GraphedStep(step, self.graph_backend), (cond, guidance_scale)
+        return self._graph
+
+    def compute_noise_and_gradient(self, latents, t, cond, guidance_scale: float, masks=None):
+        """One guided step. It starts from an empty attention store and changes only tensors in place across
+        steps, so it may be captured as a CUDA graph (whose warm-up and capture run it twice in a row)."""
+        self.store.clear()
         latents = latents.detach().requires_grad_(True)
         passes = {"cfg": self.cfg_pass, "split": self.split_pass, "separate": self.separate_pass}
         with torch.enable_grad():
@@ -240,5 +288,5 @@ class ReferenceGuidance:
         self.record.feature_size = tuple(features.shape[-2:])
         self.record.energies, self.record.gradients = energies, gradients
         finite = torch.isfinite(total).all()
-        self.record.count_gradient(finite)
+        self.record.count_nonfinite(finite)
         return torch.where(finite, total, torch.zeros_like(total)).detach()

@@ -1,0 +1,207 @@
+"""Guided steps captured once and replayed (omniportrait.guidance.graph), checked on the CPU.
+
+CUDA graphs need a GPU, so :class:`EmulatedGraphs` reproduces what matters about them on the CPU: a capture
+records the aten operations a call dispatches and leaves no trace in tensors that existed before it (a capture
+runs nothing on the GPU); a replay runs only those operations again, on the same tensors, with no Python; an
+operation that waits for the device fails during a capture. A step that kept state in Python values, or that
+synchronised, fails these tests as it would fail on a GPU.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from omniportrait.errors import ConfigError
+from omniportrait.guidance import RBGuidanceConfig
+from omniportrait.guidance.graph import GraphedStep
+from omniportrait.guidance.rb import ReferenceGuidance
+from omniportrait.pipelines import Identity
+
+aten = torch.ops.aten
+PROMPT = "a photo of a woman on the beach"
+HOST_SYNCS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_dim, aten._unique2}
+
+
+def waits_for_device(func, args) -> bool:
+    """Operations whose result on a GPU needs the device's data on the host (not allowed while capturing)."""
+    if func.overloadpacket in HOST_SYNCS:
+        return True
+    return func.overloadpacket is aten.index and any(
+        index is not None and index.dtype == torch.bool for index in args[1])
+
+
+def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensor arguments ``func`` writes to (``add_``'s self, ``copy_``'s destination, …)."""
+    written = []
+    for index, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[index] if index < len(args) else kwargs.get(argument.name)
+            if isinstance(value, torch.Tensor):
+                written.append(value)
+    return written
+
+
+class OperationRecorder(TorchDispatchMode):
+    """Records each dispatched operation with its arguments and outputs, for :meth:`replay`."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations: list[tuple] = []
+        self.created: set[int] = set()  # ids of tensors made during the capture (kept alive by `operations`)
+        self.before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # earlier tensors written to: their values
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if waits_for_device(func, args):
+            raise RuntimeError(f"{func} waits for the device: not allowed while capturing a CUDA graph")
+        for tensor in written_tensors(func, args, kwargs):
+            if id(tensor) not in self.created and id(tensor) not in self.before:
+                self.before[id(tensor)] = (tensor, tensor.clone())
+        out = func(*args, **kwargs)
+        self.operations.append((func, args, kwargs, out))
+        self.created.update(id(tensor) for tensor in tree_leaves(out) if isinstance(tensor, torch.Tensor))
+        return out
+
+    @torch.no_grad()
+    def undo_writes(self) -> None:
+        for tensor, value in self.before.values():
+            tensor.copy_(value)
+
+    @torch.no_grad()
+    def replay(self) -> None:
+        for func, args, kwargs, out in self.operations:
+            if func.is_view:  # a view shares the memory its base's replay rewrites
+                continue
+            result = func(*args, **kwargs)
+            for target, value in zip(tree_leaves(out), tree_leaves(result)):
+                if isinstance(target, torch.Tensor) and target is not value:
+                    target.copy_(value)
+
+
+class EmulatedGraphs:
+    """The capture backend of :class:`GraphedStep` with CUDA-graph semantics on the CPU."""
+
+    calls = {"warm_up": 0, "capture": 0}
+
+    @staticmethod
+    def check(device):
+        pass
+
+    @staticmethod
+    def warm_up(fn, inputs):
+        EmulatedGraphs.calls["warm_up"] += 1
+        return fn(*inputs)
+
+    @staticmethod
+    def capture(fn, inputs):
+        EmulatedGraphs.calls["capture"] += 1
+        recorder = OperationRecorder()
+        try:
+            with recorder:
+                outputs = fn(*inputs)
+        finally:
+            recorder.undo_writes()
+        return recorder.replay, outputs
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(ReferenceGuidance, "graph_backend", EmulatedGraphs)
+    EmulatedGraphs.calls.update(warm_up=0, capture=0)
+    return EmulatedGraphs
+
+
+# ----- the emulation itself --------------------------------------------------------------------------------
+def test_a_replay_updates_tensor_state_in_place_and_runs_no_python(emulated):
+    total, python_calls = torch.zeros(()), []
+
+    def step(x):
+        python_calls.append(1)
+        total.add_(x.sum())
+        return (x * 2,)
+
+    graphed = GraphedStep(step, emulated)
+    first = graphed(torch.ones(3))
+    second = graphed(torch.full((3,), 5.0))
+    third = graphed(torch.full((3,), 7.0))
+    assert torch.equal(first[0], torch.full((3,), 2.0))
+    assert second[0] is third[0] and torch.equal(third[0], torch.full((3,), 14.0))
+    assert float(total) == 3 + 15 + 21  # the warm-up and two replays; the capture added nothing
+    assert len(python_calls) == 2  # warm-up and capture only
+
+
+@pytest.mark.parametrize("step", [lambda x: (x[x > 0],), lambda x: (torch.ones(int(x.sum())),)],
+                         ids=["boolean-index", "item"])
+def test_a_step_that_waits_for_the_device_is_not_captured_and_runs_eagerly(step, emulated):
+    graphed = GraphedStep(step, emulated)
+    with pytest.warns(UserWarning, match="could not be captured.*waits for the device"):
+        first = graphed(torch.ones(3))  # the warm-up runs; the capture that follows fails
+    second = graphed(torch.full((3,), 2.0))
+    assert emulated.calls == {"warm_up": 1, "capture": 1} and graphed.eager
+    assert torch.equal(first[0], step(torch.ones(3))[0]) and torch.equal(second[0], step(torch.full((3,), 2.0))[0])
+
+
+# ----- guided generations ------------------------------------------------------------------------------------
+def generate(pipe, reference, **config):
+    config = {"strength": 5000.0, **config}
+    return pipe(PROMPT, [Identity(reference, "woman")], num_inference_steps=6, output_type="np",
+                generator=torch.Generator().manual_seed(0), rb_guidance=RBGuidanceConfig(**config))
+
+
+@pytest.mark.parametrize("config", [dict(start=1.0), dict(start=1.0, feature_pass="split", gradient_interval=2),
+                                    dict(feature_pass="separate")], ids=["cfg", "split-interval-2", "separate"])
+def test_replayed_steps_give_the_eager_generation(config, emulated, tiny_pipe, astronaut_reference):
+    eager = generate(tiny_pipe, astronaut_reference, **config)
+    graphed = generate(tiny_pipe, astronaut_reference, cuda_graph=True, **config)
+    assert eager.guidance.record.guided_steps >= 2  # so at least one step was replayed
+    assert emulated.calls == {"warm_up": 1, "capture": 1}
+    assert np.abs(eager.images - generate(tiny_pipe, astronaut_reference, enabled=False).images).max() > 1e-3
+    assert np.abs(graphed.images - eager.images).max() < 1e-5
+    for name in ("guided_steps", "reused_steps", "skipped_steps"):
+        assert getattr(graphed.guidance.record, name) == getattr(eager.guidance.record, name)
+    assert torch.equal(graphed.guidance.record.gen_masks, eager.guidance.record.gen_masks)
+    assert graphed.guidance._graph is None  # dropped with its memory before the VAE decode
+
+
+def test_after_sampling_the_record_holds_copies_outside_the_graph_memory(emulated, tiny_pipe, astronaut_reference):
+    from tests.guidance.test_rb import guidance_at_step
+
+    guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference,
+                                               config=RBGuidanceConfig(start=1.0, cuda_graph=True))
+    for step in range(2):
+        guidance.noise(latents, torch.tensor(400), step, cond, 7.5)
+    recorder = guidance._graph.replay.__self__  # the emulated graph: every tensor its capture made
+    in_graph = {tensor.untyped_storage().data_ptr() for *_, out in recorder.operations for tensor in tree_leaves(out)
+                if isinstance(tensor, torch.Tensor)}
+    masks = guidance.record.gen_masks
+    guidance.finish()
+    record = guidance.record
+    assert torch.equal(record.gen_masks, masks) and record.guided_steps == 2
+    kept = [record.gen_masks, *record.energies, *record.gradients, record.correspondences[0][0].nearest]
+    assert not in_graph & {tensor.untyped_storage().data_ptr() for tensor in kept}
+    assert guidance._graph is None and guidance.last_gradient is None
+
+
+def test_non_finite_gradients_are_counted_on_replayed_steps(emulated, tiny_pipe, astronaut_reference):
+    with pytest.warns(UserWarning, match="non-finite gradient on 6 step"):
+        out = generate(tiny_pipe, astronaut_reference, strength=float("inf"), start=1.0, cuda_graph=True)
+    assert np.isfinite(out.images).all()
+
+
+def test_cuda_graphs_on_the_cpu_are_a_clear_error(tiny_pipe, astronaut_reference):
+    with pytest.raises(ConfigError, match="need a CUDA device"):
+        generate(tiny_pipe, astronaut_reference, cuda_graph=True)
+
+
+def test_a_scheduler_that_scales_the_model_input_is_a_clear_error(emulated, tiny_pipe, astronaut_reference):
+    from diffusers import EulerDiscreteScheduler
+
+    ddim = tiny_pipe.scheduler
+    tiny_pipe.scheduler = EulerDiscreteScheduler.from_config(ddim.config)
+    try:
+        with pytest.raises(ConfigError, match="EulerDiscreteScheduler does"):
+            generate(tiny_pipe, astronaut_reference, cuda_graph=True)
+    finally:
+        tiny_pipe.scheduler = ddim
