@@ -23,28 +23,30 @@ CAPTURE_FAILED = "the guided step could not be captured as a CUDA graph and runs
 
 
 class CudaGraphs:
-    """Warm-up and capture with ``torch.cuda.CUDAGraph`` (CUDA only)."""
+    """Warm-up and capture with ``torch.cuda.CUDAGraph`` (CUDA only), both on one side stream, so that the
+    library handles and workspaces the step needs on that stream exist before the capture."""
+
+    def __init__(self):
+        self.stream: torch.cuda.Stream | None = None
 
     @staticmethod
     def check(device: torch.device) -> None:
         if device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA device; this pipeline is on {device.type}")
 
-    @staticmethod
-    def warm_up(fn: Callable, inputs: tuple) -> tuple:
-        """One eager call on a side stream, as CUDA requires before a capture (its result is the step's)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+    def warm_up(self, fn: Callable, inputs: tuple) -> tuple:
+        """One eager call on the side stream, as CUDA requires before a capture (its result is the step's)."""
+        self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             outputs = fn(*inputs)
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
         return outputs
 
-    @staticmethod
-    def capture(fn: Callable, inputs: tuple) -> tuple[Callable[[], None], tuple]:
+    def capture(self, fn: Callable, inputs: tuple) -> tuple[Callable[[], None], tuple]:
         """Record ``fn(*inputs)``; returns the replay call and the outputs every replay writes."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self.stream):
             outputs = fn(*inputs)
         return graph.replay, outputs
 
@@ -53,12 +55,12 @@ class GraphedStep:
     """``fn(*inputs) -> outputs``: eager on the first call (the warm-up), captured then, replayed after.
 
     Replayed outputs are the same tensors every call, overwritten by the next one. If the capture fails, a warning
-    says why and every later call runs ``fn`` eagerly. ``backend`` provides ``check``, ``warm_up`` and
-    ``capture`` (:class:`CudaGraphs`).
+    says why and every later call runs ``fn`` eagerly. ``backend`` is a class whose instances provide ``warm_up``
+    and ``capture`` (:class:`CudaGraphs`).
     """
 
     def __init__(self, fn: Callable, backend=CudaGraphs):
-        self.fn, self.backend = fn, backend
+        self.fn, self.backend = fn, backend()
         self.inputs: tuple = ()
         self.outputs: tuple = ()
         self.replay: Callable[[], None] | None = None
