@@ -24,8 +24,9 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee
     --variants ${VARIANTS:-rb-off rb-cfg rb-split rb-separate rb-cfg-interval-2 rb-split-interval-2 rb-cfg-graph \
     rb-split-graph} \
     --steps "${STEPS:-50}" --repeats "${REPEATS:-1}" --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
+grep -iE "warn|error" "$OUT/bench.err" | sort | uniq -c | head -5  # e.g. a CUDA graph that could not be captured
 for model in ${PROFILE:-random-sdxl random-sd15}; do
     [ "$model" = none ] && break
     "$PYTHON" benchmarks/profile_step.py --model "$model" > "$OUT/profile-$model.txt" 2>&1
-    grep -E "^(random|tiny)|^ms|^peak|^graph|^syncs|^one" "$OUT/profile-$model.txt"
+    grep -E "^(random|tiny)|^ms|^peak|^graph|^syncs|^one|could not be captured" "$OUT/profile-$model.txt"
 done

@@ -165,6 +165,18 @@ def test_replayed_steps_give_the_eager_generation(config, emulated, tiny_pipe, a
     assert graphed.guidance._graph is None  # dropped with its memory before the VAE decode
 
 
+def test_two_identities_and_two_images_replay_as_they_run_eagerly(emulated, tiny_pipe, astronaut_reference):
+    def images(**config):
+        identities = [Identity(astronaut_reference, "man"), Identity(astronaut_reference, "woman")]
+        return tiny_pipe("a man and a woman on the beach", identities, num_inference_steps=5, output_type="np",
+                         num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
+                         rb_guidance=RBGuidanceConfig(strength=5000.0, start=1.0, **config)).images
+
+    eager = images()
+    assert np.abs(eager - images(enabled=False)).max() > 1e-3
+    assert np.abs(images(cuda_graph=True) - eager).max() < 1e-5
+
+
 def test_after_sampling_the_record_holds_copies_outside_the_graph_memory(emulated, tiny_pipe, astronaut_reference):
     from tests.guidance.test_rb import guidance_at_step
 
