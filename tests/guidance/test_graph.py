@@ -212,8 +212,10 @@ def test_a_scheduler_that_scales_the_model_input_is_a_clear_error(emulated, tiny
 
     ddim = tiny_pipe.scheduler
     tiny_pipe.scheduler = EulerDiscreteScheduler.from_config(ddim.config)
+    bound = tiny_pipe.bind_identities(PROMPT, [Identity(astronaut_reference, "woman")])
     try:
-        with pytest.raises(ConfigError, match="EulerDiscreteScheduler does"):
-            generate(tiny_pipe, astronaut_reference, cuda_graph=True)
+        with pytest.raises(ConfigError, match="EulerDiscreteScheduler does"):  # refused before sampling starts
+            ReferenceGuidance(tiny_pipe, RBGuidanceConfig(cuda_graph=True), bound, 64, 64, 1)
+        assert tiny_pipe.scheduler.step_index is None  # probed on a copy
     finally:
         tiny_pipe.scheduler = ddim

@@ -32,7 +32,7 @@ class CudaGraphs:
     @staticmethod
     def check(device: torch.device) -> None:
         if device.type != "cuda":
-            raise ConfigError(f"CUDA graphs need a CUDA device; this pipeline is on {device.type}")
+            raise ConfigError(f"CUDA graphs (--rb-cuda-graph) need a CUDA device; this pipeline is on {device.type}")
 
     def warm_up(self, fn: Callable, inputs: tuple) -> tuple:
         """One eager call on the side stream, as CUDA requires before a capture (its result is the step's)."""

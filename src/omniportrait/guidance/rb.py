@@ -7,6 +7,7 @@ attention store that yields the generated masks, and the step function that repl
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -111,9 +112,17 @@ class ReferenceGuidance:
         self._graph: GraphedStep | None = None
         self._graph_inputs: tuple | None = None  # the conditioning and scale the graph was captured with
         if config.cuda_graph:
-            self.graph_backend.check(pipe.unet.device)
+            self.check_graph_support()
 
     # ----- setup ------------------------------------------------------------------------------------------
+    def check_graph_support(self) -> None:
+        """Before sampling: a CUDA device, and a scheduler a replayed step can contain."""
+        self.graph_backend.check(self.pipe.unet.device)
+        scheduler = copy.deepcopy(self.pipe.scheduler)  # probed on a copy: Euler's first call sets its step index
+        if not replays_without_input_scaling(scheduler, torch.zeros(1), scheduler.timesteps[0]):
+            raise ConfigError(f"CUDA graphs (--rb-cuda-graph) need a scheduler that does not scale the model input, "
+                              f"such as DDIM (the default); {type(scheduler).__name__} does")
+
     def attention_store(self, rows: slice | None) -> AttentionStore:
         unet, divisor = self.pipe.unet, self.config.attention_divisor
         return AttentionStore([item.positions for item in self.bound], attention_layers(unet, divisor, "attn2"),
@@ -193,15 +202,11 @@ class ReferenceGuidance:
         self.record.gradient_steps += 1
         if not self.config.cuda_graph or masks is not None:
             return self.compute_noise_and_gradient(latents, t, cond, guidance_scale, masks)
-        return self.graphed_step(latents, t, cond, guidance_scale)(latents, torch.as_tensor(t, device=latents.device))
+        return self.graphed_step(cond, guidance_scale)(latents, torch.as_tensor(t, device=latents.device))
 
-    def graphed_step(self, latents, t, cond, guidance_scale: float) -> GraphedStep:
+    def graphed_step(self, cond, guidance_scale: float) -> GraphedStep:
         """The captured step for this conditioning and scale (captured again if either changes)."""
         if self._graph is None or self._graph_inputs[0] is not cond or self._graph_inputs[1] != guidance_scale:
-            if not replays_without_input_scaling(self.pipe.scheduler, latents, t):
-                raise ConfigError(f"CUDA graphs need a scheduler that does not scale the model input (DDIM, the "
-                                  f"default); {type(self.pipe.scheduler).__name__} does")
-
             def step(z, timestep):
                 return self.compute_noise_and_gradient(z, timestep, cond, guidance_scale)
 
