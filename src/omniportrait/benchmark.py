@@ -203,7 +203,8 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
     calls = variant_calls(config, parts, pivot_encoder, reference, device)
     before_decode = PeakBeforeDecode(parts["vae"], lambda: allocator_peak_gib(device))
     best = {name: float("inf") for name in calls}
-    peaks: dict[str, list[float | None]] = {name: [None, None] for name in calls}  # whole call, before decode
+    peaks: dict[str, float | None] = dict.fromkeys(calls)
+    sampling_peaks: dict[str, float | None] = dict.fromkeys(calls)
     with torch.no_grad():
         for timed_round in range(config.repeats + 1):
             for name, call in calls.items():
@@ -211,10 +212,11 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
                 seconds, peak = timed_once(call, device)
                 if timed_round > 0:  # round 0 warms up
                     best[name] = min(best[name], seconds)
-                    peaks[name] = [highest(*pair) for pair in zip(peaks[name], (peak, before_decode.gib))]
+                    peaks[name] = highest(peaks[name], peak)
+                    sampling_peaks[name] = highest(sampling_peaks[name], before_decode.gib)
                 if on_call is not None:
                     on_call(name)
-    return [BenchRow(name, best[name], best[name] / best[PLAIN], *peaks[name]) for name in calls]
+    return [BenchRow(name, best[name], best[name] / best[PLAIN], peaks[name], sampling_peaks[name]) for name in calls]
 
 
 def highest(a: float | None, b: float | None) -> float | None:
