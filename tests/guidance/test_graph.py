@@ -57,6 +57,7 @@ class OperationRecorder(TorchDispatchMode):
         if waits_for_device(func, args):
             raise RuntimeError(f"{func} waits for the device: not allowed while capturing a CUDA graph")
         for tensor in written_tensors(func, args, kwargs):
+            tensor = tensor if tensor._base is None else tensor._base  # a write through a view changes its base
             if id(tensor) not in self.created and id(tensor) not in self.before:
                 self.before[id(tensor)] = (tensor, tensor.clone())
         out = func(*args, **kwargs)
@@ -115,11 +116,12 @@ def emulated(monkeypatch):
 
 # ----- the emulation itself --------------------------------------------------------------------------------
 def test_a_replay_updates_tensor_state_in_place_and_runs_no_python(emulated):
-    total, python_calls = torch.zeros(()), []
+    total, counts, python_calls = torch.zeros(()), torch.zeros(2), []
 
     def step(x):
         python_calls.append(1)
         total.add_(x.sum())
+        counts[1:].add_(1)  # a write through a view
         return (x * 2,)
 
     graphed = GraphedStep(step, emulated)
@@ -129,6 +131,7 @@ def test_a_replay_updates_tensor_state_in_place_and_runs_no_python(emulated):
     assert torch.equal(first[0], torch.full((3,), 2.0))
     assert second[0] is third[0] and torch.equal(third[0], torch.full((3,), 14.0))
     assert float(total) == 3 + 15 + 21  # the warm-up and two replays; the capture added nothing
+    assert counts.tolist() == [0, 3]
     assert len(python_calls) == 2  # warm-up and capture only
 
 
