@@ -1,0 +1,13 @@
+"""The real-architecture replay check (benchmarks/check_graph_replay.py), run on the tiny pipelines."""
+
+from benchmarks.check_graph_replay import STEP_INDICES, replay_differences
+from omniportrait.guidance.rb import ReferenceGuidance
+from tests.guidance.test_graph import EmulatedGraphs
+
+
+def test_replayed_steps_match_the_eager_ones(monkeypatch, tiny_pipe, astronaut_reference):
+    monkeypatch.setattr(ReferenceGuidance, "graph_backend", EmulatedGraphs)
+    differences = replay_differences(tiny_pipe, astronaut_reference, "cfg", 64)
+    assert len(differences) == len(STEP_INDICES)
+    for noise, gradient, scale in differences:
+        assert scale > 0 and noise < 1e-6 and gradient <= 1e-6 * scale
