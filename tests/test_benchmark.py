@@ -75,3 +75,18 @@ def test_the_sampling_peak_is_read_when_decoding_starts():
     assert before_decode.gib is None  # encoding the reference is not decoding
     vae.decode(torch.zeros(1, 4, 4, 4))
     assert before_decode.gib == 1.5
+
+
+def test_graph_step_calls_replay_what_the_eager_ones_compute(monkeypatch, astronaut_reference):
+    from omniportrait.benchmark import step_calls
+    from omniportrait.guidance.rb import ReferenceGuidance
+    from tests.conftest import build
+    from tests.guidance.test_graph import EmulatedGraphs
+
+    monkeypatch.setattr(ReferenceGuidance, "graph_backend", EmulatedGraphs)
+    calls = step_calls(build("sd15"), astronaut_reference, 64, torch.device("cpu"), graphs=True)
+    for eager, graphed in [("plain+record", "plain+record-graph"), ("guided-cfg", "guided-cfg-graph"),
+                           ("guided-split", "guided-split-graph")]:
+        expected = calls[eager]()
+        calls[graphed]()  # warm-up and capture
+        assert torch.allclose(calls[graphed](), expected, atol=1e-6)  # a replay

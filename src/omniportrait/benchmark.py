@@ -245,12 +245,13 @@ def report_entry(config: BenchConfig, device: torch.device, dtype: torch.dtype, 
             "dtype": dtype_name(dtype), "rows": [dataclasses.asdict(row) for row in rows]}
 
 
-def step_calls(pipe, reference, size: int, device: torch.device) -> dict:
+def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | None = None) -> dict:
     """Zero-argument calls of one sampling step at a guided timestep, per kind of step, for the per-step
     benchmarks (``benchmarks/profile_step.py``, ``benchmarks/count_ops.py``).
 
-    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state). On
-    CUDA, ``guided-cfg-graph`` and ``guided-split-graph`` are those steps as CUDA graphs.
+    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state). With
+    ``graphs`` (default: on CUDA), ``plain+record-graph``, ``guided-cfg-graph`` and ``guided-split-graph`` are
+    those steps as CUDA graphs.
     """
     from omniportrait.guidance.config import FEATURE_PASSES
     from omniportrait.guidance.rb import ReferenceGuidance
@@ -262,8 +263,11 @@ def step_calls(pipe, reference, size: int, device: torch.device) -> dict:
     t = pipe.scheduler.timesteps[30]
     latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype)
     configs = {name: RBGuidanceConfig(feature_pass=name) for name in FEATURE_PASSES}
-    if device.type == "cuda":  # captured once, replayed on the later calls
+    if graphs is None:
+        graphs = device.type == "cuda"
+    if graphs:  # captured once, replayed on the later calls
         configs.update({f"{name}-graph": replace(configs[name], cuda_graph=True) for name in GRAPHED_PASSES})
+        configs["record-graph"] = configs["cfg-graph"]  # its own state, which never captures a guided step
     guidance = {name: ReferenceGuidance(pipe, config, bound, size, size, 1) for name, config in configs.items()}
 
     def fresh(name: str) -> ReferenceGuidance:
@@ -273,7 +277,9 @@ def step_calls(pipe, reference, size: int, device: torch.device) -> dict:
 
     calls = {"plain": lambda: pipe.predict_noise(latents, t, 0, cond, 7.5),
              "plain+record": lambda: fresh("cfg").plain_noise(latents, t, cond, 7.5)}
-    for name in guidance:
+    if "record-graph" in guidance:
+        calls["plain+record-graph"] = lambda: fresh("record-graph").plain_noise(latents, t, cond, 7.5)
+    for name in [name for name in guidance if name != "record-graph"]:
         calls[f"guided-{name}"] = lambda name=name: fresh(name).guided_noise(latents, t, cond, 7.5)
     calls["vae-decode"] = lambda: fresh("cfg") and pipe.decode(latents, "pt")
     calls["bind-identities"] = lambda: pipe.bind_identities(PROMPT, [Identity(reference, "woman")])

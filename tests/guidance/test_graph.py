@@ -153,19 +153,22 @@ def generate(pipe, reference, **config):
                 generator=torch.Generator().manual_seed(0), rb_guidance=RBGuidanceConfig(**config))
 
 
-@pytest.mark.parametrize("config", [dict(start=1.0), dict(start=1.0, feature_pass="split", gradient_interval=2),
-                                    dict(feature_pass="separate")], ids=["cfg", "split-interval-2", "separate"])
-def test_replayed_steps_give_the_eager_generation(config, emulated, tiny_pipe, astronaut_reference):
+# 6 DDIM steps: with u = 0.6 the first 2 are unguided (one captured, one replayed), the last 4 guided
+@pytest.mark.parametrize("config, captures", [(dict(start=1.0), 1), (dict(), 2),
+                                              (dict(feature_pass="split", gradient_interval=2), 2),
+                                              (dict(feature_pass="separate"), 2)],
+                         ids=["cfg-all-guided", "cfg", "split-interval-2", "separate"])
+def test_replayed_steps_give_the_eager_generation(config, captures, emulated, tiny_pipe, astronaut_reference):
     eager = generate(tiny_pipe, astronaut_reference, **config)
     graphed = generate(tiny_pipe, astronaut_reference, cuda_graph=True, **config)
-    assert eager.guidance.record.guided_steps >= 2  # so at least one step was replayed
-    assert emulated.calls == {"warm_up": 1, "capture": 1}
+    assert eager.guidance.record.guided_steps >= 2  # so at least one guided step was replayed
+    assert emulated.calls == {"warm_up": captures, "capture": captures}
     assert np.abs(eager.images - generate(tiny_pipe, astronaut_reference, enabled=False).images).max() > 1e-3
     assert np.abs(graphed.images - eager.images).max() < 1e-5
     for name in ("guided_steps", "reused_steps", "skipped_steps"):
         assert getattr(graphed.guidance.record, name) == getattr(eager.guidance.record, name)
     assert torch.equal(graphed.guidance.record.gen_masks, eager.guidance.record.gen_masks)
-    assert graphed.guidance._graph is None  # dropped with its memory before the VAE decode
+    assert not graphed.guidance._graphs  # dropped with their memory before the VAE decode
 
 
 def test_two_identities_and_two_images_replay_as_they_run_eagerly(emulated, tiny_pipe, astronaut_reference):
@@ -187,7 +190,7 @@ def test_after_sampling_the_record_holds_copies_outside_the_graph_memory(emulate
                                                config=RBGuidanceConfig(start=1.0, cuda_graph=True))
     for step in range(2):
         guidance.noise(latents, torch.tensor(400), step, cond, 7.5)
-    recorder = guidance._graph.replay.__self__  # the emulated graph: every tensor its capture made
+    recorder = guidance._graphs["guided"].replay.__self__  # the emulated graph: every tensor its capture made
     in_graph = {tensor.untyped_storage().data_ptr() for *_, out in recorder.operations for tensor in tree_leaves(out)
                 if isinstance(tensor, torch.Tensor)}
     masks = guidance.record.gen_masks
@@ -196,7 +199,7 @@ def test_after_sampling_the_record_holds_copies_outside_the_graph_memory(emulate
     assert torch.equal(record.gen_masks, masks) and record.guided_steps == 2
     kept = [record.gen_masks, *record.energies, *record.gradients, record.correspondences[0][0].nearest]
     assert not in_graph & {tensor.untyped_storage().data_ptr() for tensor in kept}
-    assert guidance._graph is None and guidance.last_gradient is None
+    assert not guidance._graphs and guidance.last_gradient is None
 
 
 def test_non_finite_gradients_are_counted_on_replayed_steps(emulated, tiny_pipe, astronaut_reference):

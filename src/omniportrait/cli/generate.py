@@ -71,8 +71,8 @@ def add_guidance_arguments(p) -> None:
     g.add_argument("--rb-interval", type=int, default=d.gradient_interval, metavar="N",
                    help="recompute the guidance gradient every N-th guided step, reuse it in between (paper: 1)")
     g.add_argument("--rb-cuda-graph", action="store_true",
-                   help="capture the guided step as a CUDA graph once and replay it (CUDA, DDIM; same images, "
-                        "less host overhead)")
+                   help="capture the sampling steps as CUDA graphs once and replay them (CUDA, DDIM; same "
+                        "images, less host overhead)")
     g.add_argument("--save-masks", default=None, metavar="DIR", help="write M_gen, M_ref and matches as PNGs")
 
 

@@ -1,4 +1,4 @@
-"""A guided step captured once as a CUDA graph and replayed on the later guided steps.
+"""Sampling steps captured once as CUDA graphs and replayed on the later steps of their kind.
 
 On a fast GPU a guided step waits on the host CPU, which issues its thousands of kernels one by one: on the H100 of
 benchmarks/README.md a guided SDXL step took 161 ms of wall time for 95 ms of kernels. A CUDA graph
@@ -19,7 +19,7 @@ import torch
 
 from omniportrait.errors import ConfigError
 
-CAPTURE_FAILED = "the guided step could not be captured as a CUDA graph and runs eagerly"
+CAPTURE_FAILED = "a sampling step could not be captured as a CUDA graph and runs eagerly"
 
 
 class CudaGraphs:
@@ -34,7 +34,7 @@ class CudaGraphs:
         if device.type != "cuda":
             raise ConfigError(f"CUDA graphs (--rb-cuda-graph) need a CUDA device; this pipeline is on {device.type}")
 
-    def warm_up(self, fn: Callable, inputs: tuple) -> tuple:
+    def warm_up(self, fn: Callable, inputs: tuple):
         """One eager call on the side stream, as CUDA requires before a capture (its result is the step's)."""
         self.stream = torch.cuda.Stream()
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -43,7 +43,7 @@ class CudaGraphs:
         torch.cuda.current_stream().wait_stream(self.stream)
         return outputs
 
-    def capture(self, fn: Callable, inputs: tuple) -> tuple[Callable[[], None], tuple]:
+    def capture(self, fn: Callable, inputs: tuple) -> tuple[Callable[[], None], object]:
         """Record ``fn(*inputs)``; returns the replay call and the outputs every replay writes."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
@@ -62,11 +62,11 @@ class GraphedStep:
     def __init__(self, fn: Callable, backend=CudaGraphs):
         self.fn, self.backend = fn, backend()
         self.inputs: tuple = ()
-        self.outputs: tuple = ()
+        self.outputs = None  # what fn returned at the capture (tensors every replay writes)
         self.replay: Callable[[], None] | None = None
         self.eager = False  # the capture failed
 
-    def __call__(self, *inputs: torch.Tensor) -> tuple:
+    def __call__(self, *inputs: torch.Tensor):
         if self.eager:
             return self.fn(*inputs)
         if self.replay is None:

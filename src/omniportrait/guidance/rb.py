@@ -109,8 +109,8 @@ class ReferenceGuidance:
         self.active_steps = 0
         self.last_gradient: torch.Tensor | None = None
         self._schedule: list[float] | None = None
-        self._graph: GraphedStep | None = None
-        self._graph_inputs: tuple | None = None  # the conditioning and scale the graph was captured with
+        self._graphs: dict[str, GraphedStep] = {}  # "plain" / "guided" steps captured as CUDA graphs
+        self._graph_inputs: tuple | None = None  # the conditioning and scale they were captured with
         if config.cuda_graph:
             self.check_graph_support()
 
@@ -172,19 +172,31 @@ class ReferenceGuidance:
 
     def finish(self) -> None:
         """End of sampling: drop the last step's attention (SDXL: ~0.3 GiB of q/k, which would otherwise stay
-        alive through the VAE decode, the peak of a generation) and the captured step with its memory, and warn
+        alive through the VAE decode, the peak of a generation) and the captured steps with their memory, and warn
         once if any gradient was not finite (checked here, not at every step)."""
         self.store.clear()
-        if self._graph is not None:
+        if "guided" in self._graphs:
             self.record, self.last_gradient = self.record.copied(), None
-            self._graph = self._graph_inputs = None
+        self._graphs, self._graph_inputs = {}, None
         skipped = self.record.skipped_steps
         if skipped:
             warnings.warn(NON_FINITE_WARNING.format(skipped), stacklevel=3)
 
     def plain_noise(self, latents, t, cond, guidance_scale: float) -> torch.Tensor:
-        """CFG noise without a gradient; records the cross-attention for the running-mean mask (the self-attention
-        is needed only on the steps that build a mask)."""
+        """CFG noise without a gradient, recording the cross-attention for the running-mean mask.
+
+        With ``cuda_graph`` the unguided steps before the first guided one are captured and replayed too; the steps
+        that reuse a gradient (``gradient_interval``) come after it and run eagerly.
+        """
+        if not self.config.cuda_graph or "guided" in self._graphs:
+            return self.compute_plain_noise(latents, t, cond, guidance_scale)
+        step = self.graphed("plain", self.compute_plain_noise, cond, guidance_scale)
+        return step(latents, self.as_tensor(t, latents))
+
+    def compute_plain_noise(self, latents, t, cond, guidance_scale: float) -> torch.Tensor:
+        """One unguided step (the self-attention is recorded only on the steps that build a mask); like
+        :meth:`compute_noise_and_gradient`, it may be captured as a CUDA graph."""
+        self.store.clear()
         with torch.no_grad(), record_attention(self.pipe.unet, self.store, self_attention=False):
             noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
         self.store.accumulate()
@@ -202,16 +214,31 @@ class ReferenceGuidance:
         self.record.gradient_steps += 1
         if not self.config.cuda_graph or masks is not None:
             return self.compute_noise_and_gradient(latents, t, cond, guidance_scale, masks)
-        return self.graphed_step(cond, guidance_scale)(latents, torch.as_tensor(t, device=latents.device))
+        step = self.graphed("guided", self.compute_noise_and_gradient, cond, guidance_scale)
+        return step(latents, self.as_tensor(t, latents))
 
-    def graphed_step(self, cond, guidance_scale: float) -> GraphedStep:
-        """The captured step for this conditioning and scale (captured again if either changes)."""
-        if self._graph is None or self._graph_inputs[0] is not cond or self._graph_inputs[1] != guidance_scale:
+    def graphed(self, kind: str, compute, cond, guidance_scale: float) -> GraphedStep:
+        """The ``kind`` step captured for this conditioning and scale (captured again if either changes).
+
+        The plain step's graph is dropped before the guided one is captured, so that its memory can serve the
+        guided capture instead of being held beside it.
+        """
+        if self._graph_inputs is None or self._graph_inputs[0] is not cond or self._graph_inputs[1] != guidance_scale:
+            self._graphs, self._graph_inputs = {}, (cond, guidance_scale)
+        if kind not in self._graphs:
+            if kind == "guided":
+                self._graphs.pop("plain", None)
+
             def step(z, timestep):
-                return self.compute_noise_and_gradient(z, timestep, cond, guidance_scale)
+                return compute(z, timestep, cond, guidance_scale)
 
-            self._graph, self._graph_inputs = GraphedStep(step, self.graph_backend), (cond, guidance_scale)
-        return self._graph
+            self._graphs[kind] = GraphedStep(step, self.graph_backend)
+        return self._graphs[kind]
+
+    @staticmethod
+    def as_tensor(t, like: torch.Tensor) -> torch.Tensor:
+        """The timestep as a tensor on the latents' device (a graph's input buffer)."""
+        return torch.as_tensor(t, device=like.device)
 
     def compute_noise_and_gradient(self, latents, t, cond, guidance_scale: float, masks=None):
         """One guided step. It starts from an empty attention store and changes only tensors in place across
