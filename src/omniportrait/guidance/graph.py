@@ -82,9 +82,9 @@ class GraphedStep:
         self.inputs = tuple(value.detach().clone() for value in inputs)
         try:
             self.replay, self.outputs = self.backend.capture(self.fn, self.inputs)
-        except RuntimeError as error:
+        except Exception as error:  # any failure to capture leaves a correct, slower generation, not a crash
             self.eager, self.inputs = True, ()
-            warnings.warn(f"{CAPTURE_FAILED}: {error}", stacklevel=4)
+            warnings.warn(f"{CAPTURE_FAILED}: {type(error).__name__}: {error}", stacklevel=4)
 
 
 def replays_without_input_scaling(scheduler, sample: torch.Tensor, t) -> bool:
