@@ -137,3 +137,12 @@ def test_unknown_preset(references_dir, tmp_path, capsys):
     code, err = run_cli(["evaluate", "--references", str(references_dir), "--output", str(tmp_path),
                          "--preset", "tiny-sd3"], capsys)
     assert code == 2 and "unknown preset 'tiny-sd3'" in err
+
+
+def test_cuda_graphs_on_the_cpu_fail_with_one_line_and_no_image(references_dir, tmp_path, capsys):
+    code, err = run_cli(["evaluate", "--references", str(references_dir), "--output", str(tmp_path / "out"),
+                         "--max-prompts", "1", "--rb-cuda-graph"] + TINY, capsys)
+    error = err.strip().splitlines()[-1]  # after the warning about the face-free reference
+    assert code == 2 and error.startswith("omniportrait evaluate: error:") and "need a CUDA device" in error
+    assert "Traceback" not in err
+    assert not list((tmp_path / "out").rglob("*.png"))

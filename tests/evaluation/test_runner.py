@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from omniportrait.evaluation.metrics import MetricConfig
 from omniportrait.evaluation.prompts import select_prompts
@@ -86,6 +87,29 @@ def test_a_finished_image_is_reused_and_a_changed_setting_regenerates(one_refere
     image.with_suffix(".json").unlink()  # an image without its sidecar was interrupted: redo it
     assert run_evaluation(config, ProcessInfo()).generated == 1
     assert run_evaluation(config_for(one_reference, tmp_path / "out", steps=2), ProcessInfo()).generated == 1
+
+
+def test_cuda_graphs_reach_the_pipeline_and_keep_finished_images(monkeypatch, one_reference, tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from omniportrait.guidance.rb import ReferenceGuidance
+    from tests.guidance.test_graph import EmulatedGraphs
+
+    monkeypatch.setattr(ReferenceGuidance, "graph_backend", EmulatedGraphs)
+    EmulatedGraphs.calls.update(warm_up=0, capture=0)
+    eager = config_for(one_reference, tmp_path / "eager", steps=4)
+    graphed = dataclasses.replace(eager, output=tmp_path / "graphed",
+                                  generation=dataclasses.replace(eager.generation, cuda_graph=True))
+    assert run_evaluation(eager, ProcessInfo()).generated == 1
+    assert run_evaluation(graphed, ProcessInfo()).generated == 1
+    assert EmulatedGraphs.calls["capture"] > 0  # the flag reached the pipeline
+    image = "images/default/astronaut_png/pose-0-seed0.png"
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "eager" / image)),
+                          np.asarray(Image.open(tmp_path / "graphed" / image)))
+    reuse = dataclasses.replace(graphed, output=tmp_path / "eager")  # same images: the eager run's are reused
+    assert run_evaluation(reuse, ProcessInfo()).generated == 0
 
 
 def test_job_is_hashable_and_labels_its_setting():

@@ -26,7 +26,6 @@ from typing import Any, Sequence
 from PIL import Image
 
 from omniportrait.errors import ConfigError
-from omniportrait.files import write_json_atomic
 from omniportrait.evaluation.metrics import (
     DEFAULT_METRICS,
     ImageMetric,
@@ -40,6 +39,8 @@ from omniportrait.evaluation.metrics import (
 from omniportrait.evaluation.prompts import DEFAULT_CLASS_WORD, EvalPrompt, resolve_class_words
 from omniportrait.evaluation.references import Reference, SkippedReference, list_reference_files, prepare_references
 from omniportrait.evaluation.sweep import Setting, Sweep, check_sweep
+from omniportrait.files import write_json_atomic
+from omniportrait.guidance.config import RBGuidanceConfig
 
 IMAGES_DIR = "images"
 CONFIG_FILE = "evaluate-config.json"
@@ -61,6 +62,16 @@ class GenerationConfig:
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
+    cuda_graph: bool = False  # sampling steps as CUDA graphs (``--rb-cuda-graph``): same images, less host time
+
+    def pipeline_kwargs(self, setting_kwargs: dict) -> dict:
+        """The keywords of ``pipe(...)`` for one job, given its sweep setting's keywords."""
+        kwargs = dict(num_inference_steps=self.steps, guidance_scale=self.guidance_scale, height=self.height,
+                      width=self.width, negative_prompt=self.negative_prompt)
+        kwargs.update(setting_kwargs)  # a sweep may set any of them
+        if self.cuda_graph:
+            kwargs["rb_guidance"] = replace(kwargs.get("rb_guidance") or RBGuidanceConfig(), cuda_graph=True)
+        return kwargs
 
 
 @dataclass(frozen=True)
@@ -184,8 +195,9 @@ def file_sha256(path: Path) -> str:
 
 
 def generation_key(job: Job, config: GenerationConfig, reference_sha: str) -> dict:
-    """Everything that determines an image; a finished image is reused only when its key is unchanged."""
-    settings = {k: v for k, v in asdict(config).items() if k != "device"}
+    """Everything that determines an image; a finished image is reused only when its key is unchanged (the device
+    and CUDA graphs do not change it)."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "cuda_graph")}
     return {**settings, "prompt": job.text, "seed": job.seed, "reference_sha256": reference_sha,
             "sweep": job.setting.describe()}
 
@@ -255,9 +267,7 @@ def generate_images(jobs: list[Job], references: dict[str, Reference], workspace
     check_sweep(config.sweep, pipe.__call__)
     try:
         for job in progress_bar(pending, "generate", config.progress, process):
-            kwargs = dict(num_inference_steps=gen.steps, guidance_scale=gen.guidance_scale, height=gen.height,
-                          width=gen.width, negative_prompt=gen.negative_prompt)
-            kwargs.update(job.setting.kwargs)
+            kwargs = gen.pipeline_kwargs(job.setting.kwargs)
             started = time.perf_counter()
             image = pipe(job.text, identities=[Identity(references[job.reference].prepared, job.class_word)],
                          generator=torch.Generator("cpu").manual_seed(job.seed), **kwargs).images[0]
