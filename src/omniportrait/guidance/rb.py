@@ -99,6 +99,8 @@ class ReferenceGuidance:
     def __init__(self, pipe, config: RBGuidanceConfig, bound: list[BoundIdentity], height: int, width: int,
                  num_images: int):
         self.pipe, self.config, self.bound = pipe, config, bound
+        if config.cuda_graph:
+            self.check_graph_support()
         self.block = dift_block_for(pipe, config)
         self.latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         self.num_images = num_images
@@ -111,15 +113,14 @@ class ReferenceGuidance:
         self._schedule: list[float] | None = None
         self._graphs: dict[str, GraphedStep] = {}  # "plain" / "guided" steps captured as CUDA graphs
         self._graph_inputs: tuple | None = None  # the conditioning and scale they were captured with
-        if config.cuda_graph:
-            self.check_graph_support()
 
     # ----- setup ------------------------------------------------------------------------------------------
     def check_graph_support(self) -> None:
-        """Before sampling: a CUDA device, and a scheduler a replayed step can contain."""
+        """Before anything runs: a CUDA device, and a scheduler a replayed step can contain."""
         self.graph_backend.check(self.pipe.unet.device)
         scheduler = copy.deepcopy(self.pipe.scheduler)  # probed on a copy: Euler's first call sets its step index
-        if not replays_without_input_scaling(scheduler, torch.zeros(1), scheduler.timesteps[0]):
+        probe = torch.zeros(1, device=scheduler.timesteps.device)
+        if not replays_without_input_scaling(scheduler, probe, scheduler.timesteps[0]):
             raise ConfigError(f"CUDA graphs (--rb-cuda-graph) need a scheduler that does not scale the model input, "
                               f"such as DDIM (the default); {type(scheduler).__name__} does")
 
