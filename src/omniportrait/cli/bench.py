@@ -71,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
                   unit="call", file=sys.stderr, leave=False) as bar:
             rows = run_benchmark(config, reference, model_device, dtype, on_call=lambda name: bar.update())
         print(table_header(config, model_device, dtype))
-        print("\n".join(format_row(row) for row in rows), flush=True)
+        print("\n".join(format_row(row) for row in rows))
         skipped = [name for name in config.all_variants if name not in config.variants_on(model_device)]
-        print(f"not run on {model_device.type} (CUDA only): {', '.join(skipped)}\n" if skipped else "", flush=True)
+        if skipped:
+            print(f"not run on {model_device.type} (CUDA only): {', '.join(skipped)}")
+        print(flush=True)
         report.append(report_entry(config, model_device, dtype, rows))
     if args.json:
         write_json_atomic(args.json, report)
