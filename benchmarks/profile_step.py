@@ -3,11 +3,11 @@
 Random weights in fp16 on CUDA (speed does not depend on weight values). For one model it times, with CUDA
 synchronised around each call: a plain CFG step, the same step with the attention recording the mask needs
 (eager and replayed as a CUDA graph), a guided step (forward with grad, mask, energy, backward) in each feature
-pass, eager and (``cfg``, ``split``) replayed as a CUDA graph, the VAE decode and the once-per-call identity
-binding (Pivot ID Encoder); then the allocator peak of each; how far a short generation with CUDA-graph steps
-lands from the eager one; the CUDA kernels of one guided step by device time (``torch.profiler``) and the sum of
-all kernel time, which, against the step's wall time, says whether the step waits on the GPU or on Python; last,
-the source lines where a step makes the CPU wait for the GPU.
+pass, eager and (``cfg``, ``split``) replayed as a CUDA graph, the VAE decode (diffusers' and in bands) and the
+once-per-call identity binding (Pivot ID Encoder); then the allocator peak of each; how far a short generation
+with CUDA-graph steps lands from the eager one; the CUDA kernels of one guided step by device time
+(``torch.profiler``) and the sum of all kernel time, which, against the step's wall time, says whether the step
+waits on the GPU or on Python; last, the source lines where a step makes the CPU wait for the GPU.
 
     python benchmarks/profile_step.py --model random-sdxl [--feature-pass cfg] [--repeats 5]
 """

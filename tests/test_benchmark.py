@@ -15,6 +15,7 @@ from omniportrait.benchmark import (
     timed_once,
 )
 from omniportrait.errors import ConfigError
+from omniportrait.models.banded_decode import DEFAULT_BAND_MIB
 
 
 @pytest.mark.parametrize("kwargs", [dict(model="sd15"), dict(model="tiny-sd15", variants=("rb-fast",)),
@@ -47,8 +48,9 @@ def test_plain_runs_first_and_once():
 
 
 def test_cuda_graph_variants_run_on_cuda_only():
-    config = BenchConfig("random-sdxl", variants=("rb-cfg", "rb-cfg-graph", "rb-split-graph"))
-    assert config.variants_on(torch.device("cpu")) == (PLAIN, "rb-cfg")
+    config = BenchConfig("random-sdxl", variants=("rb-cfg", "rb-cfg-graph", "rb-split-graph", "rb-off-banded",
+                                                  "rb-split-graph-banded"))
+    assert config.variants_on(torch.device("cpu")) == (PLAIN, "rb-cfg", "rb-off-banded")
     assert config.variants_on(torch.device("cuda")) == config.all_variants
 
 
@@ -66,6 +68,7 @@ def test_rows_start_with_plain_and_are_ratios_to_it(astronaut_reference):
 
 
 def test_the_sampling_peak_is_read_when_decoding_starts():
+    from omniportrait.models.banded_decode import decode_in_bands
     from omniportrait.models.tiny import tiny_vae
 
     vae, readings = tiny_vae(), iter([1.5, 2.5])
@@ -75,6 +78,32 @@ def test_the_sampling_peak_is_read_when_decoding_starts():
     assert before_decode.gib is None  # encoding the reference is not decoding
     vae.decode(torch.zeros(1, 4, 4, 4))
     assert before_decode.gib == 1.5
+    with torch.no_grad():
+        decode_in_bands(vae, torch.zeros(1, 4, 4, 4))
+    assert before_decode.gib == 2.5
+
+
+def test_banded_variants_decode_in_bands_and_the_others_do_not(monkeypatch, astronaut_reference):
+    from omniportrait.pipelines import base
+
+    banded_calls = []
+    decode = base.decode_in_bands
+    monkeypatch.setattr(base, "decode_in_bands", lambda *args: banded_calls.append(args[2]) or decode(*args))
+    config = BenchConfig("tiny-sd15", steps=1, repeats=1, variants=("rb-off-banded", "rb-off"))
+    seen = []
+    run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_call=seen.append)
+    assert seen == [PLAIN, "rb-off-banded", "rb-off"] * 2
+    assert banded_calls == [DEFAULT_BAND_MIB] * 2  # the banded variant's warm-up and timed calls, no other
+
+
+def test_the_banded_decode_call_matches_the_decode_and_leaves_the_pipeline_as_it_was(astronaut_reference):
+    from omniportrait.benchmark import step_calls
+    from tests.conftest import build
+
+    pipe = build("sdxl")
+    calls = step_calls(pipe, astronaut_reference, 64, torch.device("cpu"))
+    assert torch.allclose(calls["vae-decode-banded"](), calls["vae-decode"](), atol=1e-5)
+    assert pipe.decode_band_mib is None
 
 
 def test_graph_step_calls_replay_what_the_eager_ones_compute(monkeypatch, astronaut_reference):

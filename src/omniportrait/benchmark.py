@@ -23,18 +23,33 @@ from omniportrait.guidance import RBGuidanceConfig
 PROMPT = "a photo of a woman riding a bicycle"
 PLAIN = "diffusers-plain"
 
-# name -> guidance of our pipeline; PLAIN is diffusers' own pipeline on the same components
-VARIANTS: dict[str, RBGuidanceConfig | None] = {
-    PLAIN: None,
-    "rb-off": RBGuidanceConfig(enabled=False),
-    "rb-cfg": RBGuidanceConfig(),
-    "rb-split": RBGuidanceConfig(feature_pass="split"),
-    "rb-separate": RBGuidanceConfig(feature_pass="separate"),
-    "rb-cfg-interval-2": RBGuidanceConfig(gradient_interval=2),
-    "rb-split-interval-2": RBGuidanceConfig(feature_pass="split", gradient_interval=2),
-    "rb-separate-interval-2": RBGuidanceConfig(feature_pass="separate", gradient_interval=2),
-    "rb-cfg-graph": RBGuidanceConfig(cuda_graph=True),
-    "rb-split-graph": RBGuidanceConfig(feature_pass="split", cuda_graph=True),
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of generating that the bench times: diffusers' own pipeline (``guidance=None``), or ours with this
+    guidance and decode."""
+
+    guidance: RBGuidanceConfig | None
+    banded_decode: bool = False
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.guidance is not None and self.guidance.cuda_graph
+
+
+VARIANTS: dict[str, Variant] = {
+    PLAIN: Variant(None),
+    "rb-off": Variant(RBGuidanceConfig(enabled=False)),
+    "rb-cfg": Variant(RBGuidanceConfig()),
+    "rb-split": Variant(RBGuidanceConfig(feature_pass="split")),
+    "rb-separate": Variant(RBGuidanceConfig(feature_pass="separate")),
+    "rb-cfg-interval-2": Variant(RBGuidanceConfig(gradient_interval=2)),
+    "rb-split-interval-2": Variant(RBGuidanceConfig(feature_pass="split", gradient_interval=2)),
+    "rb-separate-interval-2": Variant(RBGuidanceConfig(feature_pass="separate", gradient_interval=2)),
+    "rb-cfg-graph": Variant(RBGuidanceConfig(cuda_graph=True)),
+    "rb-split-graph": Variant(RBGuidanceConfig(feature_pass="split", cuda_graph=True)),
+    "rb-off-banded": Variant(RBGuidanceConfig(enabled=False), banded_decode=True),
+    "rb-split-graph-banded": Variant(RBGuidanceConfig(feature_pass="split", cuda_graph=True), banded_decode=True),
 }
 GRAPHED_PASSES = ("cfg", "split")  # the feature passes step_calls also times as CUDA graphs
 MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "random-sd15": ("sd15", 512),
@@ -76,17 +91,12 @@ class BenchConfig:
 
     def variants_on(self, device: torch.device) -> tuple[str, ...]:
         """:attr:`all_variants` that run on ``device``: CUDA-graph variants need CUDA."""
-        return tuple(name for name in self.all_variants if device.type == "cuda" or not needs_cuda(name))
+        return tuple(name for name in self.all_variants if device.type == "cuda" or not VARIANTS[name].needs_cuda)
 
     @property
     def guided_steps(self) -> int:
         """Steps with ``t <= u·T`` under the default schedule, for the report."""
         return round(self.steps * RBGuidanceConfig().start)
-
-
-def needs_cuda(variant: str) -> bool:
-    guidance = VARIANTS[variant]
-    return guidance is not None and guidance.cuda_graph
 
 
 @dataclass(frozen=True)
@@ -155,11 +165,12 @@ def timed_once(call: Callable[[], object], device: torch.device) -> tuple[float,
 class PeakBeforeDecode:
     """Reads ``measure()`` (the allocator peak) when the VAE starts decoding: the peak of text encoding and
     sampling without the decode, which on SDXL (decoded in fp32, as diffusers does) is the peak of a plain
-    generation. Both pipelines share the VAE, so one hook serves every variant."""
+    generation. Both pipelines share the VAE, so one hook serves every variant; it sits on the decoder's first layer,
+    which diffusers' decode and the banded one both run."""
 
     def __init__(self, vae, measure: Callable[[], float | None]):
         self.measure, self.gib = measure, None
-        vae.decoder.register_forward_pre_hook(self.read)
+        vae.decoder.conv_in.register_forward_pre_hook(self.read)
 
     def read(self, module, args) -> None:
         self.gib = self.measure()
@@ -181,11 +192,19 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
                   height=config.resolution, width=config.resolution, output_type="pil")
     identities = [Identity(reference, "woman")]
 
-    def call(guidance: RBGuidanceConfig | None) -> Callable:
+    def call(variant: Variant) -> Callable:
         generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-        if guidance is None:
+        if variant.guidance is None:
             return lambda: plain(PROMPT, **common, generator=generator())
-        return lambda: ours(PROMPT, identities, **common, generator=generator(), rb_guidance=guidance)
+
+        def generate():
+            if variant.banded_decode:
+                ours.enable_banded_decode()
+            else:
+                ours.disable_banded_decode()
+            return ours(PROMPT, identities, **common, generator=generator(), rb_guidance=variant.guidance)
+
+        return generate
 
     return {name: call(VARIANTS[name]) for name in config.variants_on(device)}
 
@@ -245,6 +264,15 @@ def report_entry(config: BenchConfig, device: torch.device, dtype: torch.dtype, 
             "dtype": dtype_name(dtype), "rows": [dataclasses.asdict(row) for row in rows]}
 
 
+def decode_banded(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """The pipeline's decode with ``enable_banded_decode()`` for this call only."""
+    pipe.enable_banded_decode()
+    try:
+        return pipe.decode(latents, "pt")
+    finally:
+        pipe.disable_banded_decode()
+
+
 def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | None = None) -> dict:
     """Zero-argument calls of one sampling step at a guided timestep, per kind of step, for the per-step
     benchmarks (``benchmarks/profile_step.py``, ``benchmarks/count_ops.py``).
@@ -282,5 +310,6 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
     for name in [name for name in guidance if name != "record-graph"]:
         calls[f"guided-{name}"] = lambda name=name: fresh(name).guided_noise(latents, t, cond, 7.5)
     calls["vae-decode"] = lambda: fresh("cfg") and pipe.decode(latents, "pt")
+    calls["vae-decode-banded"] = lambda: fresh("cfg") and decode_banded(pipe, latents)
     calls["bind-identities"] = lambda: pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
     return calls

@@ -112,6 +112,22 @@ def test_cuda_graphs_reach_the_pipeline_and_keep_finished_images(monkeypatch, on
     assert run_evaluation(reuse, ProcessInfo()).generated == 0
 
 
+def test_banded_decode_reaches_the_pipeline_and_keeps_finished_images(monkeypatch, one_reference, tmp_path):
+    import dataclasses
+
+    from omniportrait.pipelines import base
+
+    banded_calls = []
+    decode = base.decode_in_bands
+    monkeypatch.setattr(base, "decode_in_bands", lambda *args: banded_calls.append(args[2]) or decode(*args))
+    whole = config_for(one_reference, tmp_path / "out", steps=2)
+    assert run_evaluation(whole, ProcessInfo()).generated == 1 and banded_calls == []
+    banded = dataclasses.replace(whole, generation=dataclasses.replace(whole.generation, banded_decode=True))
+    assert run_evaluation(banded, ProcessInfo()).generated == 0  # the same image: the finished one is kept
+    fresh = dataclasses.replace(banded, output=tmp_path / "banded")
+    assert run_evaluation(fresh, ProcessInfo()).generated == 1 and len(banded_calls) == 1
+
+
 def test_job_is_hashable_and_labels_its_setting():
     job = Job(Setting("guidance_scale", 3.0, "3", "guidance_scale"), "a.png", "man", select_prompts()[0], 4)
     assert {job: 1}[job] == 1

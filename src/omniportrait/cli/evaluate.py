@@ -40,6 +40,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rb-cuda-graph", action="store_true",
                    help="capture the sampling steps as CUDA graphs (CUDA, DDIM; same images, so finished ones are "
                         "reused either way)")
+    p.add_argument("--banded-decode", action="store_true",
+                   help="decode images in bands of rows: the same images up to rounding, with less memory")
     p.add_argument("--seeds", type=int, default=1, help="seeds per (reference, prompt) (default: 1)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST … FIRST+N-1 (default: 0)")
     p.add_argument("--class-words", default=None, metavar="NAME=WORD,...|FILE",
@@ -89,7 +91,7 @@ def config_from_args(args: argparse.Namespace):
         preset=args.preset, base=args.base, arch=args.arch, pivot_encoder=args.pivot_encoder,
         scheduler=args.scheduler, device=args.device, dtype=args.dtype, steps=args.steps,
         guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-        negative_prompt=args.negative_prompt, cuda_graph=args.rb_cuda_graph,
+        negative_prompt=args.negative_prompt, cuda_graph=args.rb_cuda_graph, banded_decode=args.banded_decode,
     )
     metrics = MetricConfig(
         clip_model=args.clip_model, iqa_model=args.iqa_model, blip_model=args.blip_model,

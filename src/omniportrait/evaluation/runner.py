@@ -63,6 +63,7 @@ class GenerationConfig:
     width: int | None = None
     negative_prompt: str | None = None
     cuda_graph: bool = False  # sampling steps as CUDA graphs (``--rb-cuda-graph``): same images, less host time
+    banded_decode: bool = False  # decode in bands (``--banded-decode``): same images up to rounding, less memory
 
     def pipeline_kwargs(self, setting_kwargs: dict) -> dict:
         """The keywords of ``pipe(...)`` for one job, given its sweep setting's keywords."""
@@ -196,8 +197,8 @@ def file_sha256(path: Path) -> str:
 
 def generation_key(job: Job, config: GenerationConfig, reference_sha: str) -> dict:
     """Everything that determines an image; a finished image is reused only when its key is unchanged (the device
-    and CUDA graphs do not change it)."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "cuda_graph")}
+    and the ways of running that keep the image, CUDA graphs and the banded decode, do not change it)."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "cuda_graph", "banded_decode")}
     return {**settings, "prompt": job.text, "seed": job.seed, "reference_sha256": reference_sha,
             "sweep": job.setting.describe()}
 
@@ -248,6 +249,8 @@ def load_generation_pipeline(config: GenerationConfig, device: str):
     pipe = load_pipeline(config.preset, config.base, config.arch, config.pivot_encoder, device, config.dtype,
                          config.scheduler)
     pipe.set_progress_bar_config(disable=True)
+    if config.banded_decode:
+        pipe.enable_banded_decode()
     return pipe
 
 

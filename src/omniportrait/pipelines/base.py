@@ -17,6 +17,7 @@ from PIL import Image
 
 from omniportrait.errors import ConfigError
 from omniportrait.guidance.config import RBGuidanceConfig
+from omniportrait.models.banded_decode import DEFAULT_BAND_MIB, decode_in_bands
 from omniportrait.pipelines.identity import (
     BoundIdentity,
     Identity,
@@ -85,6 +86,18 @@ class OmniPortraitMixin:
 
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "pivot_encoder"]
     upcast_vae_in_fp16 = False
+    decode_band_mib: float | None = None  # set by enable_banded_decode
+
+    def enable_banded_decode(self, band_mib: float = DEFAULT_BAND_MIB) -> None:
+        """Decode latents in horizontal bands (:mod:`omniportrait.models.banded_decode`): the same image up to
+        floating-point rounding, with a lower memory peak (SDXL at 1024² in fp32: 2.1 GiB of activations instead of
+        3.0). Unlike diffusers' VAE tiling, nothing is blended: each layer sees the whole image."""
+        if not band_mib > 0:
+            raise ConfigError(f"decode band size must be a positive number of MiB, got {band_mib}")
+        self.decode_band_mib = band_mib
+
+    def disable_banded_decode(self) -> None:
+        self.decode_band_mib = None
 
     @classmethod
     def from_diffusers(cls, pipe, pivot_encoder=None):
@@ -186,7 +199,10 @@ class OmniPortraitMixin:
             return latents
         with self.vae_in_working_precision() as vae:
             latents = latents.to(vae.dtype) / vae.config.scaling_factor
-            image = vae.decode(latents, return_dict=False, generator=generator)[0]
+            if self.decode_band_mib is not None:
+                image = decode_in_bands(vae, latents, self.decode_band_mib)
+            else:
+                image = vae.decode(latents, return_dict=False, generator=generator)[0]
         return self.image_processor.postprocess(image, output_type=output_type)
 
     @torch.no_grad()
