@@ -48,6 +48,7 @@ VARIANTS: dict[str, Variant] = {
     "rb-separate-interval-2": Variant(RBGuidanceConfig(feature_pass="separate", gradient_interval=2)),
     "rb-cfg-graph": Variant(RBGuidanceConfig(cuda_graph=True)),
     "rb-split-graph": Variant(RBGuidanceConfig(feature_pass="split", cuda_graph=True)),
+    "rb-split-interval-2-graph": Variant(RBGuidanceConfig(feature_pass="split", gradient_interval=2, cuda_graph=True)),
     "rb-off-banded": Variant(RBGuidanceConfig(enabled=False), banded_decode=True),
     "rb-split-graph-banded": Variant(RBGuidanceConfig(feature_pass="split", cuda_graph=True), banded_decode=True),
 }

@@ -84,7 +84,7 @@ class OperationRecorder(TorchDispatchMode):
 class EmulatedGraphs:
     """The capture backend of :class:`GraphedStep` with CUDA-graph semantics on the CPU."""
 
-    calls = {"warm_up": 0, "capture": 0}
+    calls = {"warm_up": 0, "capture": 0, "replay": 0}
 
     @staticmethod
     def check(device):
@@ -104,13 +104,19 @@ class EmulatedGraphs:
                 outputs = fn(*inputs)
         finally:
             recorder.undo_writes()
-        return recorder.replay, outputs
+
+        def replay():
+            EmulatedGraphs.calls["replay"] += 1
+            recorder.replay()
+
+        replay.recorder = recorder
+        return replay, outputs
 
 
 @pytest.fixture
 def emulated(monkeypatch):
     monkeypatch.setattr(ReferenceGuidance, "graph_backend", EmulatedGraphs)
-    EmulatedGraphs.calls.update(warm_up=0, capture=0)
+    EmulatedGraphs.calls.update(warm_up=0, capture=0, replay=0)
     return EmulatedGraphs
 
 
@@ -142,7 +148,7 @@ def test_a_step_that_waits_for_the_device_is_not_captured_and_runs_eagerly(step,
     with pytest.warns(UserWarning, match="could not be captured.*waits for the device"):
         first = graphed(torch.ones(3))  # the warm-up runs; the capture that follows fails
     second = graphed(torch.full((3,), 2.0))
-    assert emulated.calls == {"warm_up": 1, "capture": 1} and graphed.eager
+    assert emulated.calls == {"warm_up": 1, "capture": 1, "replay": 0} and graphed.eager
     assert torch.equal(first[0], step(torch.ones(3))[0]) and torch.equal(second[0], step(torch.full((3,), 2.0))[0])
 
 
@@ -153,16 +159,18 @@ def generate(pipe, reference, **config):
                 generator=torch.Generator().manual_seed(0), rb_guidance=RBGuidanceConfig(**config))
 
 
-# 6 DDIM steps: with u = 0.6 the first 2 are unguided (one captured, one replayed), the last 4 guided
-@pytest.mark.parametrize("config, captures", [(dict(start=1.0), 1), (dict(), 2),
-                                              (dict(feature_pass="split", gradient_interval=2), 2),
-                                              (dict(feature_pass="separate"), 2)],
+# 6 DDIM steps: with u = 0.6 the first 2 are unguided (one captured, one replayed), the last 4 guided (one captured,
+# three replayed); with --rb-interval 2, guided steps 2 and 4 reuse a gradient on a replay of the unguided step
+@pytest.mark.parametrize("config, captures, replays", [(dict(start=1.0), 1, 5), (dict(), 2, 4),
+                                                       (dict(feature_pass="split", gradient_interval=2), 2, 4),
+                                                       (dict(feature_pass="separate"), 2, 4)],
                          ids=["cfg-all-guided", "cfg", "split-interval-2", "separate"])
-def test_replayed_steps_give_the_eager_generation(config, captures, emulated, tiny_pipe, astronaut_reference):
+def test_replayed_steps_give_the_eager_generation(config, captures, replays, emulated, tiny_pipe,
+                                                  astronaut_reference):
     eager = generate(tiny_pipe, astronaut_reference, **config)
     graphed = generate(tiny_pipe, astronaut_reference, cuda_graph=True, **config)
     assert eager.guidance.record.guided_steps >= 2  # so at least one guided step was replayed
-    assert emulated.calls == {"warm_up": captures, "capture": captures}
+    assert emulated.calls == {"warm_up": captures, "capture": captures, "replay": replays}
     assert np.abs(eager.images - generate(tiny_pipe, astronaut_reference, enabled=False).images).max() > 1e-3
     assert np.abs(graphed.images - eager.images).max() < 1e-5
     for name in ("guided_steps", "reused_steps", "skipped_steps"):
@@ -183,6 +191,19 @@ def test_two_identities_and_two_images_replay_as_they_run_eagerly(emulated, tiny
     assert np.abs(images(cuda_graph=True) - eager).max() < 1e-5
 
 
+@pytest.mark.parametrize("interval, kept", [(1, {"guided"}), (2, {"plain", "guided"})])
+def test_the_unguided_graph_is_kept_only_for_steps_that_reuse_a_gradient(interval, kept, emulated, tiny_pipe,
+                                                                          astronaut_reference):
+    from tests.guidance.test_rb import guidance_at_step
+
+    config = RBGuidanceConfig(gradient_interval=interval, cuda_graph=True)
+    guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference, config=config)
+    for step, t in enumerate([900, 800, 400, 300]):  # two unguided steps (captured, replayed), two guided
+        guidance.noise(latents, torch.tensor(t), step, cond, 7.5)
+    assert set(guidance._graphs) == kept
+    assert emulated.calls["capture"] == 2
+
+
 def test_after_sampling_the_record_holds_copies_outside_the_graph_memory(emulated, tiny_pipe, astronaut_reference):
     from tests.guidance.test_rb import guidance_at_step
 
@@ -190,7 +211,7 @@ def test_after_sampling_the_record_holds_copies_outside_the_graph_memory(emulate
                                                config=RBGuidanceConfig(start=1.0, cuda_graph=True))
     for step in range(2):
         guidance.noise(latents, torch.tensor(400), step, cond, 7.5)
-    recorder = guidance._graphs["guided"].replay.__self__  # the emulated graph: every tensor its capture made
+    recorder = guidance._graphs["guided"].replay.recorder  # the emulated graph: every tensor its capture made
     in_graph = {tensor.untyped_storage().data_ptr() for *_, out in recorder.operations for tensor in tree_leaves(out)
                 if isinstance(tensor, torch.Tensor)}
     masks = guidance.record.gen_masks

@@ -31,7 +31,7 @@ class RBGuidanceConfig:
         gradient_interval: recompute ``∇E`` on every N-th guided step and add the last one on the steps between
             (1, the paper: every guided step; N cuts the backward passes to about 1/N).
         cuda_graph: capture the sampling step as a CUDA graph on its first call and replay it on the later ones
-            (the unguided steps until the first guided one, then the guided step): the host launches one graph
+            (the unguided step and the guided step, each kind once): the host launches one graph
             instead of every kernel. CUDA and a scheduler without input scaling, such as the default DDIM, only.
             Same results as without.
         ref_prompt: prompt for the reference features; ``{word}`` is the identity's class word.

@@ -186,10 +186,10 @@ class ReferenceGuidance:
     def plain_noise(self, latents, t, cond, guidance_scale: float) -> torch.Tensor:
         """CFG noise without a gradient, recording the cross-attention for the running-mean mask.
 
-        With ``cuda_graph`` the unguided steps before the first guided one are captured and replayed too; the steps
-        that reuse a gradient (``gradient_interval``) come after it and run eagerly.
+        With ``cuda_graph`` this step is captured and replayed too: on the unguided steps before the first guided
+        one, and on the steps that reuse a gradient (``gradient_interval``).
         """
-        if not self.config.cuda_graph or "guided" in self._graphs:
+        if not self.config.cuda_graph:
             return self.compute_plain_noise(latents, t, cond, guidance_scale)
         step = self.graphed("plain", self.compute_plain_noise, cond, guidance_scale)
         return step(latents, self.as_tensor(t, latents))
@@ -221,13 +221,14 @@ class ReferenceGuidance:
     def graphed(self, kind: str, compute, cond, guidance_scale: float) -> GraphedStep:
         """The ``kind`` step captured for this conditioning and scale (captured again if either changes).
 
-        The plain step's graph is dropped before the guided one is captured, so that its memory can serve the
-        guided capture instead of being held beside it.
+        Without ``gradient_interval`` no plain step follows the first guided one, so the plain step's graph is
+        dropped before the guided one is captured and its memory serves the guided capture instead of being held
+        beside it; with it, the steps that reuse a gradient replay the plain graph, which stays.
         """
         if self._graph_inputs is None or self._graph_inputs[0] is not cond or self._graph_inputs[1] != guidance_scale:
             self._graphs, self._graph_inputs = {}, (cond, guidance_scale)
         if kind not in self._graphs:
-            if kind == "guided":
+            if kind == "guided" and self.config.gradient_interval == 1:
                 self._graphs.pop("plain", None)
 
             def step(z, timestep):
