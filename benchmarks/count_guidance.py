@@ -6,9 +6,12 @@ feature capture (:mod:`omniportrait.guidance.features`):
 
     plain          CFG batch-2 forward without grad (one plain sampling step)
     cfg-full-graph CFG forward with grad through the whole UNet, backward from the DIFT features
-    cfg            as shipped: CFG forward with grad up to the DIFT block only (no graph after it), backward
+    cfg-gate-kept  CFG forward with grad up to the DIFT block only (no graph after it), backward
+    cfg            as shipped: cfg-gate-kept with the feed-forward gates recomputed in the backward
     split          batch-1 unconditional forward without grad + batch-1 conditional forward as in cfg, backward
     separate       plain + a batch-1 conditional forward with grad stopped after the DIFT block, backward
+
+All but the first three recompute the feed-forward gates as the pipeline does (``omniportrait.guidance.recompute``).
 
 FLOPs come from ``torch.utils.flop_counter`` (matmul, conv, attention; elementwise ops are not counted).
 "Saved" is the bytes autograd keeps for the backward, parameters excluded, deduplicated by storage; it is not
@@ -29,10 +32,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK
 from omniportrait.guidance.features import capture_features, features_only
+from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed
 from omniportrait.models.architectures import sd15_unet, sdxl_unet
 
 ARCHS = {"sd15": (sd15_unet, 64, 768), "sdxl": (sdxl_unet, 128, 2048)}  # builder, latent side, text width
-VARIANTS = ("plain", "cfg-full-graph", "cfg", "split", "separate")
+VARIANTS = ("plain", "cfg-full-graph", "cfg-gate-kept", "cfg", "split", "separate")
+GATES_KEPT = ("cfg-full-graph", "cfg-gate-kept")
 sdpa = F.scaled_dot_product_attention
 
 
@@ -86,7 +91,9 @@ def count_step(unet, arch: str, variant: str, latent: int, width: int) -> tuple[
             return forward.get_total_flops(), 0
         inputs = unet_inputs(arch, 1 if variant in ("separate", "split") else 2, latent, width)
         sample = inputs.pop("sample").requires_grad_(True)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor):
+        gates = [] if variant in GATES_KEPT else gelu_gates(unet)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor), \
+                gelu_gates_recomputed(gates):
             if variant == "separate":
                 features = features_only(unet, block, sample, **inputs)
             else:

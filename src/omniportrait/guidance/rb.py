@@ -22,6 +22,7 @@ from omniportrait.guidance.energy import Correspondence, energy, match_features
 from omniportrait.guidance.features import capture_features, features_only, noisy_reference_latents
 from omniportrait.guidance.graph import CudaGraphs, GraphedStep, replays_without_input_scaling
 from omniportrait.guidance.mask import regional_mask, resize_mask
+from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed
 from omniportrait.pipelines.base import classifier_free
 from omniportrait.pipelines.identity import BoundIdentity, locate_class_word
 
@@ -107,6 +108,7 @@ class ReferenceGuidance:
         self.cfg_rows = slice(num_images, 2 * num_images)  # the conditional rows of a batched CFG pass
         self.references = [self.reference_features(item, min(height, width)) for item in bound]
         self.store = self.attention_store(rows=self.cfg_rows)
+        self.gelu_gates = gelu_gates(pipe.unet)
         self.record = StepRecord()
         self.active_steps = 0
         self.last_gradient: torch.Tensor | None = None
@@ -244,11 +246,12 @@ class ReferenceGuidance:
 
     def compute_noise_and_gradient(self, latents, t, cond, guidance_scale: float, masks=None):
         """One guided step. It starts from an empty attention store and changes only tensors in place across
-        steps, so it may be captured as a CUDA graph (whose warm-up and capture run it twice in a row)."""
+        steps, so it may be captured as a CUDA graph (whose warm-up and capture run it twice in a row). The
+        feed-forward gates keep less for the backward (:mod:`.recompute`; the same gradient)."""
         self.store.clear()
         latents = latents.detach().requires_grad_(True)
         passes = {"cfg": self.cfg_pass, "split": self.split_pass, "separate": self.separate_pass}
-        with torch.enable_grad():
+        with torch.enable_grad(), gelu_gates_recomputed(self.gelu_gates):
             noise, features = passes[self.config.feature_pass](latents, t, cond, guidance_scale)
             masks = self.generated_masks() if masks is None else masks
             gradient = self.energy_gradient(latents, features, masks)

@@ -1,0 +1,82 @@
+"""The feed-forward gate recomputed in the backward: the same gradient, less kept for it."""
+
+import pytest
+import torch
+from diffusers.models.activations import GEGLU
+
+from benchmarks.count_guidance import SavedBytes
+from omniportrait.guidance import RBGuidanceConfig
+from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed
+from tests.guidance.test_rb import guidance_at_step
+
+
+def native_and_recomputed(module: GEGLU, x: torch.Tensor):
+    """(output, input gradient) of ``module`` as diffusers runs it, then with the gate recomputed."""
+    results = []
+    for recompute in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        modules = [module] if recompute else []
+        with gelu_gates_recomputed(modules):
+            out = module(leaf)
+        (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), leaf)
+        results.append((out, grad))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_gate_gives_diffusers_output_and_gradient_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    module = GEGLU(6, 5).to(dtype)
+    (out, grad), (lean_out, lean_grad) = native_and_recomputed(module, torch.randn(2, 7, 6, dtype=dtype) * 3)
+    assert torch.equal(lean_out, out) and torch.equal(lean_grad, grad)
+    assert "forward" not in vars(module)  # diffusers' own forward is back
+
+
+def test_the_gate_keeps_only_the_projection_for_the_backward():
+    torch.manual_seed(0)
+    module = GEGLU(8, 16).requires_grad_(False)
+    x = torch.randn(4, 8, requires_grad=True)
+    kept = {}
+    for recompute in (False, True):
+        saved = SavedBytes(module)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
+                gelu_gates_recomputed([module] if recompute else []):
+            module(x)
+        kept[recompute] = saved.total
+    assert kept[True] == 4 * 32 * 4  # the (4, 32) fp32 projection
+    assert kept[False] == kept[True] + 4 * 16 * 4  # and gelu(b), (4, 16)
+
+
+def test_the_forward_is_restored_when_the_block_raises():
+    module = GEGLU(4, 4)
+    with pytest.raises(RuntimeError), gelu_gates_recomputed([module]):
+        assert "forward" in vars(module)
+        raise RuntimeError
+    assert "forward" not in vars(module)
+
+
+def test_gates_already_wrapped_by_a_hook_are_left_alone(tiny_pipe):
+    gates = gelu_gates(tiny_pipe.unet)
+    assert gates and all(type(gate) is GEGLU for gate in gates)
+    hooked = gates[0]
+    hooked.forward = hooked.forward  # as accelerate's offloading does: an instance attribute
+    try:
+        assert hooked not in gelu_gates(tiny_pipe.unet)
+    finally:
+        del hooked.forward
+
+
+@pytest.mark.parametrize("feature_pass", ["cfg", "split"])
+def test_a_guided_step_is_the_same_bit_for_bit_with_the_gates_recomputed(feature_pass, tiny_pipe,
+                                                                          astronaut_reference):
+    config = RBGuidanceConfig(feature_pass=feature_pass, strength=5000.0)
+    steps = []
+    for gates in (False, True):
+        guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference, config=config)
+        assert guidance.gelu_gates  # the tiny UNets' transformer blocks end in GEGLU, as the real ones
+        if not gates:
+            guidance.gelu_gates = []
+        steps.append(guidance.noise_and_gradient(latents, torch.tensor(400), cond, 7.5))
+    (noise, gradient), (lean_noise, lean_gradient) = steps
+    assert gradient.abs().max() > 0
+    assert torch.equal(lean_noise, noise) and torch.equal(lean_gradient, gradient)
