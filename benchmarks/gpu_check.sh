@@ -6,8 +6,8 @@
 # protobuf<5) travel as wheels in .wheels/ (git-ignored), fetched beforehand on a machine with an index:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .wheels diffusers==0.42.1 mediapipe==0.10.14 protobuf==4.25.9
-# Results go to $OUT (env.txt, bench.txt/.json/.err, profile-MODEL.txt). MODELS, VARIANTS, STEPS, REPEATS and
-# PROFILE (models, or `none`) override the run,
+# Results go to $OUT (env.txt, bench.txt/.json/.err, bench-table.md, profile-MODEL.txt). MODELS, VARIANTS, STEPS,
+# REPEATS and PROFILE (models, or `none`) override the run,
 # e.g. `MODELS=tiny-sd15 PROFILE=tiny-sd15 STEPS=2 REPEATS=1 sh benchmarks/gpu_check.sh` checks it on a CPU.
 set -e
 OUT=${OUT:-/tmp/omniportrait-gpu}
@@ -25,6 +25,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee
     rb-split-graph rb-split-interval-2-graph rb-off-banded rb-split-graph-banded} \
     --steps "${STEPS:-50}" --repeats "${REPEATS:-1}" --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
 grep -iE "warn|error" "$OUT/bench.err" | sort | uniq -c | head -5  # e.g. a CUDA graph that could not be captured
+"$PYTHON" benchmarks/gpu_table.py "$OUT/bench.json" > "$OUT/bench-table.md"  # for benchmarks/README.md
 for model in ${PROFILE:-random-sdxl random-sd15}; do
     [ "$model" = none ] && break
     "$PYTHON" benchmarks/profile_step.py --model "$model" > "$OUT/profile-$model.txt" 2>&1

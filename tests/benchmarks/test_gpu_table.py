@@ -1,0 +1,38 @@
+"""The markdown table of a bench report."""
+
+import json
+
+from benchmarks.gpu_table import main, markdown_table
+from omniportrait.cli import main as cli
+
+
+def entry(model, size, rows):
+    return {"model": model, "size": size, "steps": 50, "guided_steps": 30, "repeats": 1, "device": "NVIDIA H100",
+            "dtype": "float16", "rows": rows}
+
+
+def row(variant, seconds, ratio, peak=None, sampling=None):
+    return {"variant": variant, "seconds": seconds, "ratio": ratio, "peak_gib": peak, "sampling_peak_gib": sampling}
+
+
+def test_models_side_by_side_and_a_missing_variant_is_a_dash():
+    sdxl = [row("diffusers-plain", 3.2061, 1.0, 12.151, 7.6), row("rb-cfg", 6.717, 2.095, 15.41, 15.4)]
+    sd15 = [row("diffusers-plain", 1.362, 1.0, 3.24, 2.8)]
+    report = [entry("random-sdxl", 1024, sdxl), entry("random-sd15", 512, sd15)]
+    lines = markdown_table(report).splitlines()
+    assert lines[0] == ("| variant | random-sdxl 1024² s | × plain | peak GiB | sampling GiB | random-sd15 512² s | "
+                        "× plain | peak GiB | sampling GiB |")
+    assert lines[2] == "| `diffusers-plain` | 3.206 | 1.00 | 12.15 | 7.60 | 1.362 | 1.00 | 3.24 | 2.80 |"
+    assert lines[3] == "| `rb-cfg` | 6.717 | 2.10 | 15.41 | 15.40 | — | — | — | — |"
+    assert lines[-1] == "NVIDIA H100, float16, 50 steps of which 30 guided"
+
+
+def test_reads_what_the_bench_writes(tmp_path, astronaut_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli(["bench", "--reference", astronaut_path, "--models", "tiny-sd15", "--steps", "1", "--repeats", "1",
+                "--variants", "rb-off", "--json", str(out)]) == 0
+    capsys.readouterr()
+    main([str(out)])
+    printed = capsys.readouterr().out
+    assert "| `rb-off` |" in printed and "n/a | n/a |" in printed  # no CUDA peaks on the CPU
+    assert json.loads(out.read_text())[0]["model"] == "tiny-sd15"
