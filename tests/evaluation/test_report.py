@@ -6,7 +6,7 @@ import pytest
 
 from omniportrait.evaluation.metrics import MetricConfig, MetricStatus, build_metrics, parse_metric_names
 from omniportrait.evaluation.prompts import select_prompts
-from omniportrait.evaluation.report import build_report, render_markdown, table1_csv, write_report
+from omniportrait.evaluation.report import build_report, render_markdown, table1_csv, tradeoff_figure, write_report
 from omniportrait.evaluation.runner import EvalConfig, GenerationConfig
 from omniportrait.evaluation.sweep import Setting
 
@@ -54,6 +54,18 @@ def test_means_per_setting_and_category(config):
     assert "**unavailable**: weights missing" in markdown
     assert table1_csv(report).splitlines()[1] == "guidance_scale=3,2,25.0000,30.0000,50.0000,unavailable"
     assert report["plot"]["x"] == "clip_t" and report["plot"]["y"] == "sim"
+
+
+def test_the_plot_of_close_values_labels_its_ticks_without_an_offset(config):
+    close = [record("guidance_scale=3", "pose", clip_t=1.60753, sim=0.0),
+             record("guidance_scale=7.5", "pose", clip_t=1.60756, sim=0.0)]
+    report = build_report(config, SETTINGS, [Ref("a.png", "woman")], [], statuses({"CLIP-T", "SIM"}), close,
+                          {"guidance_scale=3": {}, "guidance_scale=7.5": {}}, 3)
+    figure = tradeoff_figure(report)
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    assert axes.xaxis.get_offset_text().get_text() == ""  # an offset would be drawn over the axis label
+    assert all(tick.get_text().startswith("1.607") for tick in axes.get_xticklabels() if tick.get_text())
 
 
 def test_no_plot_without_text_alignment_and_stale_plot_removed(config, tmp_path):

@@ -233,7 +233,7 @@ def categories_csv(report: dict) -> str:
                      + [csv_value(row["values"].get(c["key"]), c) for c in columns] for row in report["categories"]])
 
 
-def tradeoff_png(report: dict) -> bytes:
+def tradeoff_figure(report: dict):
     """Fig. 5: one point per setting, text alignment on x, identity similarity on y, labelled by setting."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -256,12 +256,17 @@ def tradeoff_png(report: dict) -> bytes:
                    fontsize=9)
     axes.xaxis.set_major_locator(MaxNLocator(5))
     axes.yaxis.set_major_locator(MaxNLocator(6))
+    axes.ticklabel_format(useOffset=False)  # close values: whole numbers on the ticks, no offset over the label
     axes.margins(0.25)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()
+    return figure
+
+
+def tradeoff_png(report: dict) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    tradeoff_figure(report).savefig(buffer, format="png")
     return buffer.getvalue()
 
 
