@@ -21,7 +21,10 @@ from omniportrait.pipelines import Identity
 
 aten = torch.ops.aten
 PROMPT = "a photo of a woman on the beach"
-HOST_SYNCS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_dim, aten._unique2}
+# results the host reads back (.item(), data-dependent shapes), and tensors made from host data (torch.tensor,
+# from_numpy: on a GPU a copy from pageable memory, which waits for the device)
+HOST_SYNCS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_dim, aten._unique2,
+              aten.lift_fresh}
 
 
 def waits_for_device(func, args) -> bool:
@@ -141,8 +144,9 @@ def test_a_replay_updates_tensor_state_in_place_and_runs_no_python(emulated):
     assert len(python_calls) == 2  # warm-up and capture only
 
 
-@pytest.mark.parametrize("step", [lambda x: (x[x > 0],), lambda x: (torch.ones(int(x.sum())),)],
-                         ids=["boolean-index", "item"])
+@pytest.mark.parametrize("step", [lambda x: (x[x > 0],), lambda x: (torch.ones(int(x.sum())),),
+                                  lambda x: (x * torch.tensor([1.0, 2.0, 3.0]),)],
+                         ids=["boolean-index", "item", "host-data"])
 def test_a_step_that_waits_for_the_device_is_not_captured_and_runs_eagerly(step, emulated):
     graphed = GraphedStep(step, emulated)
     with pytest.warns(UserWarning, match="could not be captured.*waits for the device"):
