@@ -4,7 +4,8 @@ CUDA graphs need a GPU, so :class:`EmulatedGraphs` reproduces what matters about
 records the aten operations a call dispatches and leaves no trace in tensors that existed before it (a capture
 runs nothing on the GPU); a replay runs only those operations again, on the same tensors, with no Python; an
 operation that waits for the device fails during a capture. A step that kept state in Python values, or that
-synchronised, fails these tests as it would fail on a GPU.
+synchronised, fails these tests as it would fail on a GPU. On the CPU a tensor's move to the device is no
+operation at all, so the steps are also run on the ``meta`` device, where reading a host tensor shows.
 """
 
 import numpy as np
@@ -18,6 +19,7 @@ from omniportrait.guidance import RBGuidanceConfig
 from omniportrait.guidance.graph import GraphedStep
 from omniportrait.guidance.rb import ReferenceGuidance
 from omniportrait.pipelines import Identity
+from tests.conftest import build
 
 aten = torch.ops.aten
 PROMPT = "a photo of a woman on the beach"
@@ -250,3 +252,37 @@ def test_a_scheduler_that_scales_the_model_input_is_a_clear_error(emulated, tiny
         assert tiny_pipe.scheduler.step_index is None  # probed on a copy
     finally:
         tiny_pipe.scheduler = ddim
+
+
+class HostTensorReads(TorchDispatchMode):
+    """Operations given a host (CPU) tensor while the step runs on another device: on a GPU, a copy from the host,
+    which waits for the device and cannot be captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(value, torch.Tensor) and value.device.type == "cpu" for value in tree_leaves((args, kwargs))):
+            self.reads.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("feature_pass", ["cfg", "split", "separate"])
+def test_after_the_warm_up_a_step_reads_no_host_tensor(feature_pass, arch, astronaut_reference):
+    from tests.guidance.test_rb import guidance_at_step
+
+    pipe = build(arch).to("meta")  # every weight on a device that is not the host; shapes only, no compute
+    guidance, latents, cond = guidance_at_step(pipe, astronaut_reference,
+                                               config=RBGuidanceConfig(feature_pass=feature_pass))
+    latents, t = latents.to("meta"), torch.tensor(400, device="meta")
+
+    def steps() -> list[str]:
+        with HostTensorReads() as mode:
+            guidance.compute_plain_noise(latents, t, cond, 7.5)
+            guidance.compute_noise_and_gradient(latents, t, cond, 7.5)
+        return mode.reads
+
+    assert steps()  # the warm-up makes the identities' token indicator on the host, once per call
+    assert steps() == []  # what a capture would record
