@@ -18,7 +18,10 @@ FLOPs come from ``torch.utils.flop_counter`` (matmul, conv, attention; elementwi
 the peak (weights, live activations and backward scratch come on top). Attention is routed through the flash
 kernel that CUDA picks in fp16, which keeps q, k, v, the output and the log-sum-exp, not the (hw)² matrix.
 
-    python benchmarks/count_guidance.py [--steps 50] [--start 0.6]
+With ``--weights-require-grad`` the weights require grad, as diffusers' ``from_pretrained`` leaves them: what a
+guided step kept before the pipeline froze them for sampling (``ReferenceGuidance.sampling``).
+
+    python benchmarks/count_guidance.py [--steps 50] [--start 0.6] [--weights-require-grad]
 """
 
 from __future__ import annotations
@@ -114,13 +117,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--start", type=float, default=0.6, help="u: share of the steps that are guided")
+    parser.add_argument("--weights-require-grad", action="store_true",
+                        help="count with the weights requiring grad (diffusers' from_pretrained leaves them so)")
     args = parser.parse_args()
     guided = round(args.steps * args.start)
     diffusers_logging.set_verbosity_error()  # the fp16 cast notice concerns loading weights; there are none
     F.scaled_dot_product_attention = flash_attention
     for arch, (build, latent, width) in ARCHS.items():
         with torch.device("meta"):
-            unet = build().to(torch.float16).eval().requires_grad_(False)
+            unet = build().to(torch.float16).eval().requires_grad_(args.weights_require_grad)
         print(f"\n{arch} latent {latent}x{latent}, fp16, DIFT up_blocks[{DEFAULT_DIFT_BLOCK[arch]}]; "
               f"ratios over {args.steps} steps with {guided} guided (every step / every 2nd recomputed)")
         print(f"{'variant':16s} {'TFLOP/step':>10s} {'x plain':>8s} {'saved GiB':>10s} {'every':>10s} "

@@ -58,3 +58,16 @@ def gelu_gates_recomputed(modules: list):
     finally:
         for module in modules:
             del module.forward
+
+
+@contextmanager
+def weights_frozen(module: torch.nn.Module):
+    """For the ``with`` block, no parameter of ``module`` requires grad (the flags are restored after)."""
+    thawed = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    for parameter in thawed:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in thawed:
+            parameter.requires_grad_(True)

@@ -8,7 +8,7 @@ VAE upcasting) are small methods the two subclasses provide; everything else liv
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -240,8 +240,9 @@ class OmniPortraitMixin:
             cond.prompt_embeds.dtype, device, generator, latents,
         )
         guidance = self.reference_guidance(rb_guidance, bound, height, width, num_images_per_prompt)
-        latents = self.denoise(latents, timesteps, cond, guidance_scale, generator,
-                               guidance.noise if guidance else None)
+        with guidance.sampling() if guidance else nullcontext():
+            latents = self.denoise(latents, timesteps, cond, guidance_scale, generator,
+                                   guidance.noise if guidance else None)
         if guidance is not None:
             guidance.finish()
         images = self.decode(latents, output_type, generator)
