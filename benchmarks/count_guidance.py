@@ -10,6 +10,7 @@ feature capture (:mod:`omniportrait.guidance.features`):
     cfg            as shipped: cfg-gate-kept with the feed-forward gates recomputed in the backward
     split          batch-1 unconditional forward without grad + batch-1 conditional forward as in cfg, backward
     separate       plain + a batch-1 conditional forward with grad stopped after the DIFT block, backward
+    *-projection   cfg / split with the feed-forward's whole projection recomputed (``--rb-recompute projection``)
 
 All but the first three recompute the feed-forward gates as the pipeline does (``omniportrait.guidance.recompute``).
 
@@ -39,7 +40,9 @@ from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed
 from omniportrait.models.architectures import sd15_unet, sdxl_unet
 
 ARCHS = {"sd15": (sd15_unet, 64, 768), "sdxl": (sdxl_unet, 128, 2048)}  # builder, latent side, text width
-VARIANTS = ("plain", "cfg-full-graph", "cfg-gate-kept", "cfg", "split", "separate")
+VARIANTS = ("plain", "cfg-full-graph", "cfg-gate-kept", "cfg", "cfg-projection", "split", "split-projection",
+            "separate")
+PROJECTION = "-projection"
 GATES_KEPT = ("cfg-full-graph", "cfg-gate-kept")
 sdpa = F.scaled_dot_product_attention
 
@@ -84,6 +87,8 @@ def unet_inputs(arch: str, batch: int, latent: int, width: int) -> dict:
 
 def count_step(unet, arch: str, variant: str, latent: int, width: int) -> tuple[float, int]:
     """(FLOPs, saved bytes) of one sampling step in ``variant``."""
+    recompute = "projection" if variant.endswith(PROJECTION) else "gelu"
+    variant = variant.removesuffix(PROJECTION)
     block, saved = DEFAULT_DIFT_BLOCK[arch], SavedBytes(unet)
     forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)  # one mode per pass
     with forward:
@@ -96,7 +101,7 @@ def count_step(unet, arch: str, variant: str, latent: int, width: int) -> tuple[
         sample = inputs.pop("sample").requires_grad_(True)
         gates = [] if variant in GATES_KEPT else gelu_gates(unet)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor), \
-                gelu_gates_recomputed(gates):
+                gelu_gates_recomputed(gates, recompute):
             if variant == "separate":
                 features = features_only(unet, block, sample, **inputs)
             else:

@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from omniportrait.benchmark import MODELS, model_components, step_calls
 from omniportrait.pipelines.loading import PIPELINE_CLASSES
 
-STEPS = ("plain", "plain+record", "guided-cfg", "guided-split", "guided-separate")
+STEPS = ("plain", "plain+record", "guided-cfg", "guided-cfg-projection", "guided-split", "guided-split-projection",
+         "guided-separate")
 
 
 class OperationCount(TorchDispatchMode):

@@ -51,8 +51,14 @@ VARIANTS: dict[str, Variant] = {
     "rb-split-interval-2-graph": Variant(RBGuidanceConfig(feature_pass="split", gradient_interval=2, cuda_graph=True)),
     "rb-off-banded": Variant(RBGuidanceConfig(enabled=False), banded_decode=True),
     "rb-split-graph-banded": Variant(RBGuidanceConfig(feature_pass="split", cuda_graph=True), banded_decode=True),
+    "rb-cfg-projection": Variant(RBGuidanceConfig(recompute="projection")),
+    "rb-cfg-graph-projection-banded": Variant(RBGuidanceConfig(recompute="projection", cuda_graph=True),
+                                              banded_decode=True),
+    "rb-split-graph-projection-banded": Variant(RBGuidanceConfig(feature_pass="split", recompute="projection",
+                                                                 cuda_graph=True), banded_decode=True),
 }
-GRAPHED_PASSES = ("cfg", "split")  # the feature passes step_calls also times as CUDA graphs
+GRAPHED_PASSES = ("cfg", "split")  # the feature passes step_calls also times as CUDA graphs, and with the
+# feed-forward's projection recomputed
 MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "random-sd15": ("sd15", 512),
           "random-sdxl": ("sdxl", 1024)}
 
@@ -278,7 +284,8 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
     """Zero-argument calls of one sampling step at a guided timestep, per kind of step, for the per-step
     benchmarks (``benchmarks/profile_step.py``, ``benchmarks/count_ops.py``).
 
-    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state). With
+    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state).
+    ``guided-cfg-projection`` and ``guided-split-projection`` recompute the feed-forward's projection. With
     ``graphs`` (default: on CUDA), ``plain+record-graph``, ``guided-cfg-graph`` and ``guided-split-graph`` are
     those steps as CUDA graphs.
     """
@@ -292,6 +299,8 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
     t = pipe.scheduler.timesteps[30]
     latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype)
     configs = {name: RBGuidanceConfig(feature_pass=name) for name in FEATURE_PASSES}
+    configs.update({f"{name}-projection": RBGuidanceConfig(feature_pass=name, recompute="projection")
+                    for name in GRAPHED_PASSES})
     if graphs is None:
         graphs = device.type == "cuda"
     if graphs:  # captured once, replayed on the later calls

@@ -112,6 +112,23 @@ def test_cuda_graphs_reach_the_pipeline_and_keep_finished_images(monkeypatch, on
     assert run_evaluation(reuse, ProcessInfo()).generated == 0
 
 
+def test_recompute_reaches_the_pipeline_and_keeps_finished_images(monkeypatch, one_reference, tmp_path):
+    import dataclasses
+
+    from omniportrait.guidance import rb
+
+    seen = []
+    recomputed = rb.gelu_gates_recomputed
+    monkeypatch.setattr(rb, "gelu_gates_recomputed", lambda modules, recompute: seen.append(recompute) or
+                        recomputed(modules, recompute))
+    gelu = config_for(one_reference, tmp_path / "out", steps=4)
+    assert run_evaluation(gelu, ProcessInfo()).generated == 1 and set(seen) == {"gelu"}
+    projection = dataclasses.replace(gelu, generation=dataclasses.replace(gelu.generation, recompute="projection"))
+    assert run_evaluation(projection, ProcessInfo()).generated == 0  # the same images: finished ones are reused
+    fresh = dataclasses.replace(projection, output=tmp_path / "fresh")
+    assert run_evaluation(fresh, ProcessInfo()).generated == 1 and set(seen) == {"gelu", "projection"}
+
+
 def test_banded_decode_reaches_the_pipeline_and_keeps_finished_images(monkeypatch, one_reference, tmp_path):
     import dataclasses
 

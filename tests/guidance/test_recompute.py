@@ -7,45 +7,74 @@ from diffusers.models.activations import GEGLU
 
 from benchmarks.count_guidance import SavedBytes
 from omniportrait.guidance import RBGuidanceConfig
+from omniportrait.guidance.config import RECOMPUTES
 from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed, weights_frozen
 from tests.guidance.test_rb import guidance_at_step, run
 
 
-def native_and_recomputed(module: GEGLU, x: torch.Tensor):
-    """(output, input gradient) of ``module`` as diffusers runs it, then with the gate recomputed."""
+def native_and_recomputed(module: GEGLU, x: torch.Tensor, recompute: str):
+    """(output, input gradient) of ``module`` as diffusers runs it, then recomputing what ``recompute`` names."""
     results = []
-    for recompute in (False, True):
+    for modules in ([], [module]):
         leaf = x.clone().requires_grad_(True)
-        modules = [module] if recompute else []
-        with gelu_gates_recomputed(modules):
+        with gelu_gates_recomputed(modules, recompute):
             out = module(leaf)
         (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), leaf)
         results.append((out, grad))
     return results
 
 
+@pytest.mark.parametrize("recompute", RECOMPUTES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_gate_gives_diffusers_output_and_gradient_bit_for_bit(dtype):
+def test_the_gate_gives_diffusers_output_and_gradient_bit_for_bit(dtype, recompute):
     torch.manual_seed(0)
-    module = GEGLU(6, 5).to(dtype)
-    (out, grad), (lean_out, lean_grad) = native_and_recomputed(module, torch.randn(2, 7, 6, dtype=dtype) * 3)
+    module = GEGLU(6, 5).to(dtype).requires_grad_(False)
+    (out, grad), (lean_out, lean_grad) = native_and_recomputed(module, torch.randn(2, 7, 6, dtype=dtype) * 3,
+                                                               recompute)
     assert torch.equal(lean_out, out) and torch.equal(lean_grad, grad)
     assert "forward" not in vars(module)  # diffusers' own forward is back
 
 
-def test_the_gate_keeps_only_the_projection_for_the_backward():
+@pytest.mark.parametrize("recompute, kept_values", [("gelu", 4 * 32), ("projection", 4 * 8)])
+def test_the_gate_keeps_only_the_projection_or_its_input_for_the_backward(recompute, kept_values):
     torch.manual_seed(0)
     module = GEGLU(8, 16).requires_grad_(False)
     x = torch.randn(4, 8, requires_grad=True)
     kept = {}
-    for recompute in (False, True):
+    for modules in ([], [module]):
         saved = SavedBytes(module)
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
-                gelu_gates_recomputed([module] if recompute else []):
-            module(x)
-        kept[recompute] = saved.total
-    assert kept[True] == 4 * 32 * 4  # the (4, 32) fp32 projection
-    assert kept[False] == kept[True] + 4 * 16 * 4  # and gelu(b), (4, 16)
+                gelu_gates_recomputed(modules, recompute):
+            module(x * 1)  # a non-leaf input, as in a UNet
+        kept[bool(modules)] = saved.total
+    assert kept[True] == kept_values * 4  # gelu: the (4, 32) fp32 projection; projection: the (4, 8) input
+    assert kept[False] == 4 * 32 * 4 + 4 * 16 * 4  # autograd: the projection and gelu(b), (4, 16)
+
+
+def test_the_projection_recomputed_gives_the_weights_their_gradients_too():
+    torch.manual_seed(0)
+    modules = [GEGLU(6, 5), GEGLU(6, 5)]
+    modules[1].load_state_dict(modules[0].state_dict())
+    x = torch.randn(2, 7, 6)
+    for module, recompute in zip(modules, ([], [modules[1]])):
+        with gelu_gates_recomputed(recompute, "projection"):
+            (module(x) * torch.linspace(-1, 1, 5)).sum().backward()
+    for native, lean in zip(modules[0].parameters(), modules[1].parameters()):
+        assert torch.allclose(lean.grad, native.grad, rtol=1e-5, atol=1e-6) and lean.grad.abs().max() > 0
+
+
+def test_a_projection_run_by_a_hook_is_left_to_it():
+    torch.manual_seed(0)
+    module = GEGLU(6, 5).requires_grad_(False)
+    calls = []
+
+    def hooked(hidden_states):  # as accelerate's sequential offload wraps the Linear
+        calls.append(1)
+        return torch.nn.Linear.forward(module.proj, hidden_states)
+
+    module.proj.forward = hooked
+    (out, grad), (lean_out, lean_grad) = native_and_recomputed(module, torch.randn(2, 7, 6), "projection")
+    assert len(calls) == 2 and torch.equal(lean_out, out) and torch.equal(lean_grad, grad)
 
 
 def test_the_forward_is_restored_when_the_block_raises():
@@ -67,10 +96,11 @@ def test_gates_already_wrapped_by_a_hook_are_left_alone(tiny_pipe):
         del hooked.forward
 
 
+@pytest.mark.parametrize("recompute", RECOMPUTES)
 @pytest.mark.parametrize("feature_pass", ["cfg", "split"])
-def test_a_guided_step_is_the_same_bit_for_bit_with_the_gates_recomputed(feature_pass, tiny_pipe,
+def test_a_guided_step_is_the_same_bit_for_bit_with_the_gates_recomputed(feature_pass, recompute, tiny_pipe,
                                                                           astronaut_reference):
-    config = RBGuidanceConfig(feature_pass=feature_pass, strength=5000.0)
+    config = RBGuidanceConfig(feature_pass=feature_pass, recompute=recompute, strength=5000.0)
     steps = []
     for gates in (False, True):
         guidance, latents, cond = guidance_at_step(tiny_pipe, astronaut_reference, config=config)

@@ -15,6 +15,7 @@ from omniportrait.evaluation.metrics.blip import DEFAULT_BLIP_MODEL
 from omniportrait.evaluation.metrics.clip import DEFAULT_CLIP_MODEL
 from omniportrait.evaluation.prompts import CATEGORIES, DEFAULT_CLASS_WORD
 from omniportrait.evaluation.sim import SIM_BACKENDS
+from omniportrait.guidance.config import RECOMPUTES
 from omniportrait.pipelines.loading import PRESETS
 
 
@@ -40,6 +41,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rb-cuda-graph", action="store_true",
                    help="capture the sampling steps as CUDA graphs (CUDA, DDIM; same images, so finished ones are "
                         "reused either way)")
+    p.add_argument("--rb-recompute", choices=RECOMPUTES, default="gelu",
+                   help="what the guided step's feed-forwards recompute in the backward: gelu, or projection "
+                        "(less memory, more FLOPs; same images, so finished ones are reused either way)")
     p.add_argument("--banded-decode", action="store_true",
                    help="decode images in bands of rows: the same images up to rounding, with less memory")
     p.add_argument("--seeds", type=int, default=1, help="seeds per (reference, prompt) (default: 1)")
@@ -91,7 +95,8 @@ def config_from_args(args: argparse.Namespace):
         preset=args.preset, base=args.base, arch=args.arch, pivot_encoder=args.pivot_encoder,
         scheduler=args.scheduler, device=args.device, dtype=args.dtype, steps=args.steps,
         guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-        negative_prompt=args.negative_prompt, cuda_graph=args.rb_cuda_graph, banded_decode=args.banded_decode,
+        negative_prompt=args.negative_prompt, cuda_graph=args.rb_cuda_graph, recompute=args.rb_recompute,
+        banded_decode=args.banded_decode,
     )
     metrics = MetricConfig(
         clip_model=args.clip_model, iqa_model=args.iqa_model, blip_model=args.blip_model,

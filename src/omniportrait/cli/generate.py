@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omniportrait.errors import ClassWordError, ConfigError
 from omniportrait.files import write_json_atomic
-from omniportrait.guidance.config import FEATURE_PASSES, RBGuidanceConfig
+from omniportrait.guidance.config import FEATURE_PASSES, RECOMPUTES, RBGuidanceConfig
 from omniportrait.pipelines.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
 from omniportrait.text import find_person_nouns
@@ -71,6 +71,9 @@ def add_guidance_arguments(p) -> None:
                    help="cfg: features from the batched CFG pass with grad; split: CFG as an unconditional pass "
                         "and a conditional one with grad (half the backward memory); separate: CFG pass without "
                         "grad plus a partial conditional pass")
+    g.add_argument("--rb-recompute", choices=RECOMPUTES, default=d.recompute,
+                   help="what the guided step's feed-forwards recompute in the backward: gelu (free), or "
+                        "projection (less memory, SDXL: 2.3 GiB less with cfg, 13%% more FLOPs); same images")
     g.add_argument("--rb-interval", type=int, default=d.gradient_interval, metavar="N",
                    help="recompute the guidance gradient every N-th guided step, reuse it in between (paper: 1)")
     g.add_argument("--rb-cuda-graph", action="store_true",
@@ -85,7 +88,7 @@ def guidance_config(args) -> RBGuidanceConfig:
         dift_ensemble=args.dift_ensemble, dift_block=args.dift_block, reduction=args.rb_reduction,
         mask_iterations=args.mask_iterations, mask_power=args.mask_power, mask_threshold=args.mask_threshold,
         background_masking=not args.no_background_mask, feature_pass=args.rb_feature_pass,
-        gradient_interval=args.rb_interval, cuda_graph=args.rb_cuda_graph,
+        recompute=args.rb_recompute, gradient_interval=args.rb_interval, cuda_graph=args.rb_cuda_graph,
     )
 
 
@@ -229,7 +232,7 @@ def asdict_flags(args) -> dict:
              "dift_ensemble": "--dift-ensemble", "dift_block": "--dift-block", "reduction": "--rb-reduction",
              "mask_iterations": "--mask-iterations", "mask_power": "--mask-power",
              "mask_threshold": "--mask-threshold", "feature_pass": "--rb-feature-pass",
-             "gradient_interval": "--rb-interval"}
+             "recompute": "--rb-recompute", "gradient_interval": "--rb-interval"}
     flags = {flag: getattr(chosen, name) for name, flag in names.items()
              if getattr(chosen, name) != getattr(defaults, name)}
     if not chosen.enabled:

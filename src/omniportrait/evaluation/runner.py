@@ -43,6 +43,8 @@ from omniportrait.files import write_json_atomic
 from omniportrait.guidance.config import RBGuidanceConfig
 
 IMAGES_DIR = "images"
+GUIDANCE_RUNNING = ("cuda_graph", "recompute")  # RBGuidanceConfig fields that change how, not what, is drawn
+SAME_IMAGES = ("device", *GUIDANCE_RUNNING, "banded_decode")  # GenerationConfig fields left out of the resume key
 CONFIG_FILE = "evaluate-config.json"
 
 
@@ -63,6 +65,7 @@ class GenerationConfig:
     width: int | None = None
     negative_prompt: str | None = None
     cuda_graph: bool = False  # sampling steps as CUDA graphs (``--rb-cuda-graph``): same images, less host time
+    recompute: str = "gelu"  # what the feed-forwards recompute in the backward (``--rb-recompute``): same images
     banded_decode: bool = False  # decode in bands (``--banded-decode``): same images up to rounding, less memory
 
     def pipeline_kwargs(self, setting_kwargs: dict) -> dict:
@@ -70,8 +73,10 @@ class GenerationConfig:
         kwargs = dict(num_inference_steps=self.steps, guidance_scale=self.guidance_scale, height=self.height,
                       width=self.width, negative_prompt=self.negative_prompt)
         kwargs.update(setting_kwargs)  # a sweep may set any of them
-        if self.cuda_graph:
-            kwargs["rb_guidance"] = replace(kwargs.get("rb_guidance") or RBGuidanceConfig(), cuda_graph=True)
+        running = {name: getattr(self, name) for name in GUIDANCE_RUNNING
+                   if getattr(self, name) != getattr(RBGuidanceConfig, name)}
+        if running:
+            kwargs["rb_guidance"] = replace(kwargs.get("rb_guidance") or RBGuidanceConfig(), **running)
         return kwargs
 
 
@@ -197,8 +202,8 @@ def file_sha256(path: Path) -> str:
 
 def generation_key(job: Job, config: GenerationConfig, reference_sha: str) -> dict:
     """Everything that determines an image; a finished image is reused only when its key is unchanged (the device
-    and the ways of running that keep the image, CUDA graphs and the banded decode, do not change it)."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "cuda_graph", "banded_decode")}
+    and the ways of running that keep the image, :data:`SAME_IMAGES`, do not change it)."""
+    settings = {k: v for k, v in asdict(config).items() if k not in SAME_IMAGES}
     return {**settings, "prompt": job.text, "seed": job.seed, "reference_sha256": reference_sha,
             "sweep": job.setting.describe()}
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 REDUCTIONS = ("sum", "mean")
 FEATURE_PASSES = ("cfg", "split", "separate")
+RECOMPUTES = ("gelu", "projection")  # what the feed-forward recomputes in the backward (guidance/recompute.py)
 DEFAULT_DIFT_BLOCK = {"sd15": 1, "sdxl": 0}
 
 
@@ -28,6 +29,10 @@ class RBGuidanceConfig:
             pass as an unconditional pass without grad and a conditional one with grad (half the backward and
             its memory); ``separate`` runs the CFG pass without grad and a conditional pass stopped after the
             DIFT block (an extra partial pass).
+        recompute: what each transformer block's GEGLU feed-forward computes again in the backward instead of
+            keeping: ``gelu`` its gate (free); ``projection`` its whole projection from its input, one more matmul
+            per block for less memory (SDXL 1024², ``cfg``: 4.06 instead of 6.38 GiB kept for the backward, 13%
+            more FLOPs per guided step). The same gradient, bit for bit, either way.
         gradient_interval: recompute ``∇E`` on every N-th guided step and add the last one on the steps between
             (1, the paper: every guided step; N cuts the backward passes to about 1/N).
         cuda_graph: capture the sampling step as a CUDA graph on its first call and replay it on the later ones
@@ -51,6 +56,7 @@ class RBGuidanceConfig:
     attention_divisor: int = 4
     background_masking: bool = True
     feature_pass: str = "cfg"
+    recompute: str = "gelu"
     gradient_interval: int = 1
     cuda_graph: bool = False
     ref_prompt: str = "a photo of a {word}"
@@ -63,6 +69,8 @@ class RBGuidanceConfig:
             raise ConfigError(f"rb reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.feature_pass not in FEATURE_PASSES:
             raise ConfigError(f"rb feature pass must be one of {FEATURE_PASSES}, got {self.feature_pass!r}")
+        if self.recompute not in RECOMPUTES:
+            raise ConfigError(f"rb recompute must be one of {RECOMPUTES}, got {self.recompute!r}")
         if not 0.0 <= self.start <= 1.0:
             raise ConfigError(f"rb start u must be in [0, 1], got {self.start}")
         if self.gradient_interval < 1:

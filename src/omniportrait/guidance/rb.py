@@ -262,7 +262,7 @@ class ReferenceGuidance:
         self.store.clear()
         latents = latents.detach().requires_grad_(True)
         passes = {"cfg": self.cfg_pass, "split": self.split_pass, "separate": self.separate_pass}
-        with torch.enable_grad(), gelu_gates_recomputed(self.gelu_gates):
+        with torch.enable_grad(), gelu_gates_recomputed(self.gelu_gates, self.config.recompute):
             noise, features = passes[self.config.feature_pass](latents, t, cond, guidance_scale)
             masks = self.generated_masks() if masks is None else masks
             gradient = self.energy_gradient(latents, features, masks)
