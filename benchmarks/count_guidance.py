@@ -22,12 +22,13 @@ kernel that CUDA picks in fp16, which keeps q, k, v, the output and the log-sum-
 With ``--weights-require-grad`` the weights require grad, as diffusers' ``from_pretrained`` leaves them: what a
 guided step kept before the pipeline froze them for sampling (``ReferenceGuidance.sampling``).
 
-    python benchmarks/count_guidance.py [--steps 50] [--start 0.6] [--weights-require-grad]
+    python benchmarks/count_guidance.py [--steps 50] [--start 0.6] [--weights-require-grad] [--by-node]
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,37 @@ def unet_inputs(arch: str, batch: int, latent: int, width: int) -> dict:
                 encoder_hidden_states=randn(batch, 77, width), added_cond_kwargs=added)
 
 
-def count_step(unet, arch: str, variant: str, latent: int, width: int) -> tuple[float, int]:
-    """(FLOPs, saved bytes) of one sampling step in ``variant``."""
+def saved_tensors_of(node) -> list[torch.Tensor]:
+    """The tensors an autograd node keeps: ``_saved_*`` attributes (built-in nodes), ``saved_tensors`` (custom)."""
+    values = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
+    if type(node).__name__.endswith("Backward"):  # a custom autograd.Function's node
+        values.append(node.saved_tensors)
+    flat = [item for value in values for item in (value if isinstance(value, (tuple, list)) else [value])]
+    return [item for item in flat if isinstance(item, torch.Tensor)]
+
+
+def saved_by_node(output: torch.Tensor, skip: set[int]) -> Counter:
+    """Bytes kept for the backward of ``output`` per kind of autograd node, each storage once, ``skip`` (the
+    parameters' storages) left out."""
+    by_node, seen, visited, stack = Counter(), set(skip), set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for tensor in saved_tensors_of(node):
+            storage = tensor.untyped_storage()
+            if storage._cdata not in seen:
+                seen.add(storage._cdata)
+                by_node[node.name()] += storage.nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return by_node
+
+
+def count_step(unet, arch: str, variant: str, latent: int, width: int, by_node: Counter | None = None
+               ) -> tuple[float, int]:
+    """(FLOPs, saved bytes) of one sampling step in ``variant``; ``by_node`` gets the saved bytes per autograd
+    node kind."""
     recompute = "projection" if variant.endswith(PROJECTION) else "gelu"
     variant = variant.removesuffix(PROJECTION)
     block, saved = DEFAULT_DIFT_BLOCK[arch], SavedBytes(unet)
@@ -108,6 +138,8 @@ def count_step(unet, arch: str, variant: str, latent: int, width: int) -> tuple[
                 with capture_features(unet, block, grad_after=variant == "cfg-full-graph") as captured:
                     unet(sample, **inputs)
                 features = captured[0]
+    if by_node is not None:
+        by_node.update(saved_by_node(features, saved.skip))
     with backward, torch.enable_grad():
         torch.autograd.grad(features[-1].float().mean(), sample)
     return forward.get_total_flops() + backward.get_total_flops(), saved.total
@@ -122,6 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--start", type=float, default=0.6, help="u: share of the steps that are guided")
+    parser.add_argument("--by-node", action="store_true",
+                        help="also print what the cfg step keeps per kind of autograd node")
     parser.add_argument("--weights-require-grad", action="store_true",
                         help="count with the weights requiring grad (diffusers' from_pretrained leaves them so)")
     args = parser.parse_args()
@@ -143,6 +177,11 @@ def main() -> None:
             half = generation_ratio(flops, plain, args.steps, (guided + 1) // 2)
             print(f"{variant:16s} {flops / 1e12:10.3f} {flops / plain:8.2f} {saved / 2**30:10.2f} {every:10.2f} "
                   f"{half:10.2f}")
+        if args.by_node:
+            by_node = Counter()
+            count_step(unet, arch, "cfg", latent, width, by_node)
+            print("kept by the cfg step, GiB: " + ", ".join(f"{name} {size / 2**30:.2f}"
+                                                         for name, size in by_node.most_common() if size >= 2**20))
 
 
 if __name__ == "__main__":

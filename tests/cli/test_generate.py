@@ -33,7 +33,7 @@ def test_writes_png_and_sidecar_and_is_reproducible(tmp_path, astronaut_path, ca
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
 
 
-def test_feature_pass_interval_recompute_and_banded_decode_reach_the_run_and_the_reproduce_line(tmp_path, astronaut_path):
+def test_guidance_options_and_banded_decode_reach_the_run_and_the_reproduce_line(tmp_path, astronaut_path):
     out = tmp_path / "a.png"
     assert generate("--reference", astronaut_path, "--prompt", "a woman on the beach", "--out", str(out),
                     "--rb-feature-pass", "split", "--rb-interval", "2", "--rb-recompute", "projection",
