@@ -89,7 +89,7 @@ def main() -> None:
         for name in STEPS:
             total = sum(operations(calls[name]).values())
             plain = plain or total
-            print(f"  {name:16s} {total:6d}  {total / plain:5.2f}", flush=True)
+            print(f"  {name:24s} {total:6d}  {total / plain:5.2f}", flush=True)
 
 
 if __name__ == "__main__":
