@@ -169,8 +169,9 @@ def generate(pipe, reference, **config):
 # three replayed); with --rb-interval 2, guided steps 2 and 4 reuse a gradient on a replay of the unguided step
 @pytest.mark.parametrize("config, captures, replays", [(dict(start=1.0), 1, 5), (dict(), 2, 4),
                                                        (dict(feature_pass="split", gradient_interval=2), 2, 4),
-                                                       (dict(feature_pass="separate"), 2, 4)],
-                         ids=["cfg-all-guided", "cfg", "split-interval-2", "separate"])
+                                                       (dict(feature_pass="separate"), 2, 4),
+                                                       (dict(recompute="projection"), 2, 4)],
+                         ids=["cfg-all-guided", "cfg", "split-interval-2", "separate", "cfg-projection"])
 def test_replayed_steps_give_the_eager_generation(config, captures, replays, emulated, tiny_pipe,
                                                   astronaut_reference):
     eager = generate(tiny_pipe, astronaut_reference, **config)
