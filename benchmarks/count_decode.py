@@ -1,29 +1,25 @@
 """Activation memory of the VAE decode, diffusers' against ours in bands, counted on the meta device.
 
 The real SD/SDXL KL decoder (``omniportrait.models.architectures.vae``) is built on ``meta``, so no compute runs and
-this takes seconds on any CPU. :class:`LiveTensorPeak` follows every tensor the decode creates and reports the
-highest number of bytes alive at once: the activations' share of the allocator peak, without the weights, the
-allocator's rounding, or a convolution library's scratch space. Attention is routed through the memory-efficient
-kernel that CUDA runs in fp32 and fp16, which keeps no (hw)² matrix.
+this takes seconds on any CPU. :class:`~benchmarks.live_tensors.LiveTensorPeak` follows every tensor the decode
+creates and reports the highest number of bytes alive at once: the activations' share of the allocator peak,
+without the weights, the allocator's rounding, or a convolution library's scratch space. Attention is routed
+through the memory-efficient kernel that CUDA runs in fp32 and fp16, which keeps no (hw)² matrix.
 
 Then, with real compute on the CPU (random weights, fp32, ``--check-size`` pixels square), how far the banded
 decode lands from diffusers' and how long each takes (best of two, alternating).
 
-    python benchmarks/count_decode.py [--bands 64 32 16] [--check-size 256]
+    python -m benchmarks.count_decode [--bands 64 32 16] [--check-size 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-import weakref
-from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from benchmarks.live_tensors import LiveTensorPeak, attention_as_on_cuda
 from omniportrait.models.architectures import vae
 from omniportrait.models.banded_decode import decode_in_bands
 
@@ -31,71 +27,9 @@ CASES = {"SDXL 1024² fp32": (1024, torch.float32, 0.13025), "SD1.5 512² fp16":
          "SD1.5 1024² fp16": (1024, torch.float16, 0.18215)}  # what the pipelines decode in (SDXL upcasts)
 
 
-class LiveTensorPeak(TorchDispatchMode):
-    """The most bytes of tensor storage alive at once among the tensors created inside the mode.
-
-    A storage counts from the first operation that returns it until the last tensor object on it is collected;
-    tensors made before the mode (weights, inputs) are not counted.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.storage_bytes: dict[int, int] = {}
-        self.storage_refs: dict[int, int] = {}
-        self.tracked: set[int] = set()
-        self.alive = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and id(tensor) not in self.tracked:
-                self.track(tensor)
-        self.peak = max(self.peak, self.alive)
-        return out
-
-    def track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key not in self.storage_bytes:
-            self.storage_bytes[key], self.storage_refs[key] = storage.nbytes(), 0
-            self.alive += storage.nbytes()
-        self.storage_refs[key] += 1
-        self.tracked.add(id(tensor))
-        weakref.finalize(tensor, self.release, key, id(tensor))
-
-    def release(self, key: int, tensor_id: int) -> None:
-        self.tracked.discard(tensor_id)
-        self.storage_refs[key] -= 1
-        if not self.storage_refs[key]:
-            self.alive -= self.storage_bytes.pop(key)
-            del self.storage_refs[key]
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak / 2**30
-
-
-def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    """SDPA as CUDA runs it for the VAE's attention (memory-efficient kernel), so no (hw)² matrix is counted."""
-    if attn_mask is not None or dropout_p or is_causal or kwargs:
-        raise ValueError("the VAE's attention has no mask, dropout or causality")
-    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, False, scale=scale)[0]
-
-
-@contextmanager
-def attention_as_on_cuda():
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = efficient_attention
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
 def decode_peak_gib(model, latents: torch.Tensor, band_mib: int | None) -> float:
     """Activation peak of one decode: diffusers' (``band_mib=None``) or in bands."""
-    with torch.no_grad(), attention_as_on_cuda(), LiveTensorPeak() as live:
+    with torch.no_grad(), attention_as_on_cuda(), LiveTensorPeak(exclude=[model]) as live:
         if band_mib is None:
             model.decode(latents, return_dict=False)
         else:

@@ -22,7 +22,7 @@ kernel that CUDA picks in fp16, which keeps q, k, v, the output and the log-sum-
 With ``--weights-require-grad`` the weights require grad, as diffusers' ``from_pretrained`` leaves them: what a
 guided step kept before the pipeline froze them for sampling (``ReferenceGuidance.sampling``).
 
-    python benchmarks/count_guidance.py [--steps 50] [--start 0.6] [--weights-require-grad] [--by-node]
+    python -m benchmarks.count_guidance [--steps 50] [--start 0.6] [--weights-require-grad] [--by-node]
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import argparse
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from diffusers.utils import logging as diffusers_logging
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.live_tensors import attention_as_on_cuda, flash_attention
 from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK
 from omniportrait.guidance.features import capture_features, features_only
 from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed
@@ -45,18 +45,6 @@ VARIANTS = ("plain", "cfg-full-graph", "cfg-gate-kept", "cfg", "cfg-projection",
             "separate")
 PROJECTION = "-projection"
 GATES_KEPT = ("cfg-full-graph", "cfg-gate-kept")
-sdpa = F.scaled_dot_product_attention
-
-
-def flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    """SDPA as CUDA runs it in fp16 (flash kernel), so the saved tensors are the GPU's."""
-    if attn_mask is not None or kwargs:
-        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                    **kwargs)
-    return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
-                                                              scale=scale)[0]
-
-
 class SavedBytes:
     """A pack hook summing the storages autograd saves, each once, parameters excluded."""
 
@@ -161,27 +149,32 @@ def main() -> None:
     args = parser.parse_args()
     guided = round(args.steps * args.start)
     diffusers_logging.set_verbosity_error()  # the fp16 cast notice concerns loading weights; there are none
-    F.scaled_dot_product_attention = flash_attention
-    for arch, (build, latent, width) in ARCHS.items():
-        with torch.device("meta"):
-            unet = build().to(torch.float16).eval().requires_grad_(args.weights_require_grad)
-        print(f"\n{arch} latent {latent}x{latent}, fp16, DIFT up_blocks[{DEFAULT_DIFT_BLOCK[arch]}]; "
-              f"ratios over {args.steps} steps with {guided} guided (every step / every 2nd recomputed)")
-        print(f"{'variant':16s} {'TFLOP/step':>10s} {'x plain':>8s} {'saved GiB':>10s} {'every':>10s} "
-              f"{'interval 2':>10s}")
-        plain = None
-        for variant in VARIANTS:
-            flops, saved = count_step(unet, arch, variant, latent, width)
-            plain = plain or flops
-            every = generation_ratio(flops, plain, args.steps, guided)
-            half = generation_ratio(flops, plain, args.steps, (guided + 1) // 2)
-            print(f"{variant:16s} {flops / 1e12:10.3f} {flops / plain:8.2f} {saved / 2**30:10.2f} {every:10.2f} "
-                  f"{half:10.2f}")
-        if args.by_node:
-            by_node = Counter()
-            count_step(unet, arch, "cfg", latent, width, by_node)
-            print("kept by the cfg step, GiB: " + ", ".join(f"{name} {size / 2**30:.2f}"
-                                                         for name, size in by_node.most_common() if size >= 2**20))
+    with attention_as_on_cuda(flash_attention):
+        for arch, build_and_sizes in ARCHS.items():
+            print_counts(arch, *build_and_sizes, args, guided)
+
+
+def print_counts(arch: str, build, latent: int, width: int, args, guided: int) -> None:
+    """The table of one architecture."""
+    with torch.device("meta"):
+        unet = build().to(torch.float16).eval().requires_grad_(args.weights_require_grad)
+    print(f"\n{arch} latent {latent}x{latent}, fp16, DIFT up_blocks[{DEFAULT_DIFT_BLOCK[arch]}]; "
+          f"ratios over {args.steps} steps with {guided} guided (every step / every 2nd recomputed)")
+    print(f"{'variant':16s} {'TFLOP/step':>10s} {'x plain':>8s} {'saved GiB':>10s} {'every':>10s} "
+          f"{'interval 2':>10s}")
+    plain = None
+    for variant in VARIANTS:
+        flops, saved = count_step(unet, arch, variant, latent, width)
+        plain = plain or flops
+        every = generation_ratio(flops, plain, args.steps, guided)
+        half = generation_ratio(flops, plain, args.steps, (guided + 1) // 2)
+        print(f"{variant:16s} {flops / 1e12:10.3f} {flops / plain:8.2f} {saved / 2**30:10.2f} {every:10.2f} "
+              f"{half:10.2f}")
+    if args.by_node:
+        by_node = Counter()
+        count_step(unet, arch, "cfg", latent, width, by_node)
+        print("kept by the cfg step, GiB: " + ", ".join(f"{name} {size / 2**30:.2f}"
+                                                     for name, size in by_node.most_common() if size >= 2**20))
 
 
 if __name__ == "__main__":

@@ -3,23 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from benchmarks.count_decode import LiveTensorPeak, attention_as_on_cuda, main
-
-
-def test_the_peak_is_what_is_alive_at_once_counting_each_storage_once():
-    weights = torch.ones(4096)  # made before: not counted
-    with LiveTensorPeak() as live:
-        a = weights * 2  # 16 KiB
-        b = a + 1  # 32 KiB alive
-        del a
-        c = b * 3  # 32 KiB alive again
-        view = c[:10]  # the same storage
-        c.add_(1)  # in place: nothing new
-        del b, c
-    assert live.peak == 2 * 4096 * 4
-    assert live.alive == 4096 * 4  # the view keeps c's storage
-    del view
-    assert live.alive == 0
+from benchmarks.count_decode import attention_as_on_cuda, main
+from benchmarks.live_tensors import LiveTensorPeak
 
 
 def test_attention_is_counted_as_cuda_runs_it_without_the_score_matrix():

@@ -177,10 +177,11 @@ class ReferenceGuidance:
     @contextmanager
     def sampling(self):
         """For the denoising loop: the UNet's weights frozen, as diffusers' ``from_pretrained`` does not leave them.
+
         The guidance differentiates the latents only, but a weight that requires grad makes autograd keep its
         layer's input for a weight gradient never taken: SDXL 1024², ``cfg``, 8.81 GiB kept instead of 6.38
-        (``benchmarks/count_guidance.py --weights-require-grad``). Once per call: freezing SDXL's 1,680 weight
-        tensors takes milliseconds."""
+        (``python -m benchmarks.count_guidance --weights-require-grad``). Once per call: freezing SDXL's 1,680
+        weight tensors takes milliseconds."""
         with weights_frozen(self.pipe.unet):
             yield
 
