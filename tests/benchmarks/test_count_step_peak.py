@@ -1,0 +1,22 @@
+"""The meta-device step peak counter (``benchmarks/count_step_peak.py``) on the tiny SD1.5 pipeline."""
+
+from benchmarks.count_step_peak import main, pipeline_on_meta, step_peaks, weight_bytes
+
+
+def test_guided_steps_hold_more_than_plain_ones_and_the_leaner_ways_less(astronaut_reference):
+    pipe, modules = pipeline_on_meta("tiny-sd15")
+    peaks = step_peaks(pipe, modules, astronaut_reference, 64)
+    kept = step_peaks(pipe, modules, astronaut_reference, 64, kept=True)
+    assert 0 < peaks["plain"] <= peaks["plain+record"] < peaks["guided-split"] < peaks["guided-cfg"]
+    assert peaks["guided-cfg-projection"] < peaks["guided-cfg"] < kept["guided-cfg"]
+    assert peaks["guided-split-projection"] < peaks["guided-split"] < kept["guided-split"]
+    assert kept["plain"] == peaks["plain"]  # the gates only matter with a backward
+    assert weight_bytes(modules) > 0 and not any(name.startswith("vae") for name in peaks)
+
+
+def test_prints_a_table_per_model(capsys):
+    main(["--models", "tiny-sd15"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("tiny-sd15 64², fp16, weights")
+    assert lines[2] == "| step | activations GiB | weights + activations GiB |"
+    assert any(line.startswith("| guided-cfg |") for line in lines)
