@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--banded-decode", action="store_true",
                    help="decode the image in bands of rows: the same image up to rounding, with less memory "
-                        "(SDXL at 1024²: 2.1 instead of 3.0 GiB of decoder activations)")
+                        "(SDXL at 1024²: 1.6 instead of 3.0 GiB of decoder activations)")
     add_guidance_arguments(p)
     p.set_defaults(run=run)
 

@@ -1,4 +1,4 @@
-"""A VAE decode that holds about a third less memory at its peak, computed in horizontal bands.
+"""A VAE decode that holds about half the memory at its peak, computed in horizontal bands.
 
 diffusers' KL decoder reaches its memory peak in the full-resolution up-block (SDXL at 1024², fp32: a 256-channel
 input of 1 GiB, its GroupNorm output and its SiLU output side by side, 3 GiB of activations). Here the up-blocks
@@ -12,11 +12,17 @@ and the output head run the same layers band by band:
 - the nearest-neighbour upsampler and its convolution likewise, and the residual is added in place.
 
 So only a layer's input and output are whole at any time; the normalised, activated input exists one band at a
-time. The result equals diffusers' decode up to floating-point rounding (the statistics and the per-band
+time. In the last, full-resolution up-block a resnet's middle activation (its first convolution's output) is not
+kept whole either: it is made band by band twice, once for the second GroupNorm's statistics and once more, with
+the rows the second convolution reaches, for that convolution. That costs the block's first convolutions a second
+time and leaves the resnet's input and output alone at the peak (SDXL at 1024²: 1.5 instead of 2.0 GiB besides
+the bands). The result equals diffusers' decode up to floating-point rounding (the statistics and the per-band
 convolutions sum in a different order). Decoders of another structure are decoded as diffusers does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +40,11 @@ def decode_in_bands(vae, latents: torch.Tensor, band_mib: float = DEFAULT_BAND_M
     decoder = vae.decoder
     sample = vae.post_quant_conv(latents) if vae.post_quant_conv is not None else latents
     sample = decoder.mid_block(decoder.conv_in(sample), None).to(decoder.conv_out.weight.dtype)
-    for block in decoder.up_blocks:
+    last = len(decoder.up_blocks) - 1
+    for index, block in enumerate(decoder.up_blocks):
+        resnet_layers = resnet_recomputed_in_bands if index == last else resnet_in_bands  # the largest tensors
         for resnet in block.resnets:
-            sample = resnet_in_bands(resnet, sample, band_bytes)
+            sample = resnet_layers(resnet, sample, band_bytes)
         for upsampler in block.upsamplers or []:
             sample = upsample_in_bands(upsampler.conv, sample, band_bytes)
     return norm_act_conv(sample, decoder.conv_norm_out, decoder.conv_out, band_bytes)
@@ -103,11 +111,18 @@ def bands(height: int, rows: int):
 
 def channel_moments(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample and channel, the fp32 mean and biased variance of ``x`` ``(B, C, H, W)`` over ``H × W``, from
-    bands combined with Chan, Golub & LeVeque's pairwise update (an fp16 input is upcast one band at a time)."""
+    bands of ``rows`` rows."""
+    return moments_of_bands(x[:, :, start:stop] for start, stop in bands(x.shape[2], rows))
+
+
+def moments_of_bands(row_bands: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and channel, the fp32 mean and biased variance over the rows and columns of consecutive bands
+    ``(B, C, h, W)`` of one tensor, combined with Chan, Golub & LeVeque's pairwise update (an fp16 band is
+    upcast on its own)."""
     count, mean, var = 0, None, None
-    for start, stop in bands(x.shape[2], rows):
-        band_var, band_mean = torch.var_mean(x[:, :, start:stop].float(), dim=(2, 3), correction=0)
-        band_count = (stop - start) * x.shape[3]
+    for band in row_bands:
+        band_var, band_mean = torch.var_mean(band.float(), dim=(2, 3), correction=0)
+        band_count = band.shape[2] * band.shape[3]
         if mean is None:
             count, mean, var = band_count, band_mean, band_var
             continue
@@ -120,17 +135,27 @@ def channel_moments(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def group_moments(x: torch.Tensor, groups: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample and group, the fp32 mean and biased variance of ``x``: the channels' moments pooled (every
-    channel counts the same number of points)."""
-    mean, var = channel_moments(x, rows)
+    """Per sample and group, the fp32 mean and biased variance of ``x``."""
+    return pooled_moments(*channel_moments(x, rows), groups)
+
+
+def pooled_moments(mean: torch.Tensor, var: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and group, the mean and variance pooled from the channels' ``(B, C)`` moments (every channel
+    counts the same number of points)."""
     mean, var = mean.unflatten(1, (groups, -1)), var.unflatten(1, (groups, -1))
     return mean.mean(-1), var.mean(-1) + mean.var(-1, correction=0)
 
 
 def norm_scale_shift(x: torch.Tensor, norm: nn.GroupNorm, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample and channel ``(scale, shift)`` such that ``norm(x) = x · scale + shift``, in fp32."""
-    mean, var = group_moments(x, norm.num_groups, rows)
-    per_group = x.shape[1] // norm.num_groups
+    return scale_shift(*channel_moments(x, rows), norm)
+
+
+def scale_shift(mean: torch.Tensor, var: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``norm``'s per sample and channel ``(scale, shift)`` for an input whose channels have these moments."""
+    channels = mean.shape[1]
+    mean, var = pooled_moments(mean, var, norm.num_groups)
+    per_group = channels // norm.num_groups
     rstd = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, dim=1)
     mean = mean.repeat_interleave(per_group, dim=1)
     scale = rstd * norm.weight.float() if norm.affine else rstd
@@ -142,13 +167,19 @@ def norm_act_conv(x: torch.Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, band_byt
     """``conv(silu(norm(x)))``, the normalised activation one band (plus the kernel's reach) at a time."""
     rows = band_rows(x, band_bytes)
     scale, shift = norm_scale_shift(x, norm, rows)
-    reach = conv.padding[0]
     out = x.new_empty((x.shape[0], conv.out_channels, *x.shape[2:]))
     for start, stop in bands(x.shape[2], rows):
-        low, high = max(start - reach, 0), min(stop + reach, x.shape[2])
-        band = F.silu(torch.addcmul(shift, x[:, :, low:high], scale), inplace=True).to(x.dtype)
-        out[:, :, start:stop] = conv_rows(band, conv, reach - (start - low), reach - (high - stop))
+        out[:, :, start:stop] = act_conv_rows(x, scale, shift, conv, start, stop)
     return out
+
+
+def act_conv_rows(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, conv: nn.Conv2d, start: int,
+                  stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``conv(silu(x · scale + shift))``, from the rows of ``x`` the kernel reaches."""
+    reach = conv.padding[0]
+    low, high = max(start - reach, 0), min(stop + reach, x.shape[2])
+    band = F.silu(torch.addcmul(shift, x[:, :, low:high], scale), inplace=True).to(x.dtype)
+    return conv_rows(band, conv, reach - (start - low), reach - (high - stop))
 
 
 def conv_rows(band: torch.Tensor, conv: nn.Conv2d, pad_top: int, pad_bottom: int) -> torch.Tensor:
@@ -164,7 +195,29 @@ def resnet_in_bands(resnet, x: torch.Tensor, band_bytes: int) -> torch.Tensor:
     hidden = norm_act_conv(x, resnet.norm1, resnet.conv1, band_bytes)
     out = norm_act_conv(hidden, resnet.norm2, resnet.conv2, band_bytes)
     del hidden
-    for start, stop in bands(x.shape[2], band_rows(x, band_bytes)):
+    return add_shortcut(resnet, x, out, band_rows(x, band_bytes))
+
+
+def resnet_recomputed_in_bands(resnet, x: torch.Tensor, band_bytes: int) -> torch.Tensor:
+    """:func:`resnet_in_bands` without ``conv1``'s output whole: its bands are made once for ``norm2``'s
+    statistics and again, with the rows ``conv2`` reaches, for ``conv2``."""
+    rows, height = band_rows(x, band_bytes), x.shape[2]
+    scale1, shift1 = norm_scale_shift(x, resnet.norm1, rows)
+    hidden_bands = (act_conv_rows(x, scale1, shift1, resnet.conv1, start, stop) for start, stop in bands(height, rows))
+    scale2, shift2 = scale_shift(*moments_of_bands(hidden_bands), resnet.norm2)
+    reach = resnet.conv2.padding[0]
+    out = x.new_empty((x.shape[0], resnet.conv2.out_channels, *x.shape[2:]))
+    for start, stop in bands(height, rows):
+        low, high = max(start - reach, 0), min(stop + reach, height)
+        hidden = act_conv_rows(x, scale1, shift1, resnet.conv1, low, high)
+        band = F.silu(torch.addcmul(shift2, hidden, scale2), inplace=True).to(x.dtype)
+        out[:, :, start:stop] = conv_rows(band, resnet.conv2, reach - (start - low), reach - (high - stop))
+    return add_shortcut(resnet, x, out, rows)
+
+
+def add_shortcut(resnet, x: torch.Tensor, out: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(out + shortcut(x)) / output_scale_factor`` in place, band by band."""
+    for start, stop in bands(x.shape[2], rows):
         skip = x[:, :, start:stop]
         out[:, :, start:stop] += resnet.conv_shortcut(skip) if resnet.conv_shortcut is not None else skip
     if resnet.output_scale_factor != 1:

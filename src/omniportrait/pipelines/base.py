@@ -90,8 +90,9 @@ class OmniPortraitMixin:
 
     def enable_banded_decode(self, band_mib: float = DEFAULT_BAND_MIB) -> None:
         """Decode latents in horizontal bands (:mod:`omniportrait.models.banded_decode`): the same image up to
-        floating-point rounding, with a lower memory peak (SDXL at 1024² in fp32: 2.1 GiB of activations instead of
-        3.0). Unlike diffusers' VAE tiling, nothing is blended: each layer sees the whole image."""
+        floating-point rounding, with a lower memory peak (SDXL at 1024² in fp32: 1.6 GiB of activations instead of
+        3.0, for about 1.1–1.2× the decode time). Unlike diffusers' VAE tiling, nothing is blended: each layer sees
+        the whole image."""
         if not band_mib > 0:
             raise ConfigError(f"decode band size must be a positive number of MiB, got {band_mib}")
         self.decode_band_mib = band_mib
