@@ -6,10 +6,11 @@
 # protobuf<5) travel as wheels in .wheels/ (git-ignored), fetched beforehand on a machine with an index:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .wheels diffusers==0.42.1 mediapipe==0.10.14 protobuf==4.25.9
-# About 7 minutes on an H100 besides the machine's start (rb-separate and rb-split-interval-2, which decide nothing
-# now, are left out to stay well inside one 10-minute call). Results go to $OUT (env.txt, bench.txt/.json/.err, bench-table.md, profile-MODEL.txt). MODELS, VARIANTS, STEPS,
-# REPEATS and PROFILE (models, or `none`) override the run,
-# e.g. `MODELS=tiny-sd15 PROFILE=tiny-sd15 STEPS=2 REPEATS=1 sh benchmarks/gpu_check.sh` checks it on a CPU.
+# About 7 minutes on an H100 besides the machine's start (rb-separate and rb-split-interval-2, which decide
+# nothing now, are left out to stay well inside one 10-minute call). Results go to $OUT (env.txt,
+# bench.txt/.json/.err, bench-table.md, profile-MODEL.txt). MODELS, VARIANTS, STEPS, REPEATS and PROFILE (models,
+# or `none`) override the run, e.g. `MODELS=tiny-sd15 PROFILE=tiny-sd15 STEPS=2 REPEATS=1 sh
+# benchmarks/gpu_check.sh` checks it on a CPU.
 set -e
 OUT=${OUT:-/tmp/omniportrait-gpu}
 SITE=${SITE:-/tmp/omniportrait-site}
