@@ -61,9 +61,11 @@ class ProjectedGeluGate(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         grad_projected = gelu_gate_backward(F.linear(x, weight, bias), grad)
         grad_x = grad_projected.matmul(weight) if ctx.needs_input_grad[0] else None
-        rows, inputs = grad_projected.flatten(0, -2), x.flatten(0, -2)
-        grad_weight = rows.t().mm(inputs) if ctx.needs_input_grad[1] else None
-        grad_bias = rows.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_weight = grad_bias = None  # while sampling the weights are frozen (ReferenceGuidance.sampling)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            rows = grad_projected.flatten(0, -2)
+            grad_weight = rows.t().mm(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
+            grad_bias = rows.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
 
 
