@@ -57,8 +57,8 @@ VARIANTS: dict[str, Variant] = {
     "rb-split-graph-projection-banded": Variant(RBGuidanceConfig(feature_pass="split", recompute="projection",
                                                                  cuda_graph=True), banded_decode=True),
 }
-GRAPHED_PASSES = ("cfg", "split")  # the feature passes step_calls also times as CUDA graphs, and with the
-# feed-forward's projection recomputed
+# the feature passes step_calls also times as CUDA graphs, and with the feed-forward's projection recomputed
+GRAPHED_PASSES = ("cfg", "split")
 MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "random-sd15": ("sd15", 512),
           "random-sdxl": ("sdxl", 1024)}
 
