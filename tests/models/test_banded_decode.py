@@ -5,8 +5,9 @@ import torch
 
 from benchmarks.count_decode import decode_peak_gib
 from omniportrait.models.banded_decode import (
+    channel_moments,
     decode_in_bands,
-    group_moments,
+    pooled_moments,
     resnet_in_bands,
     resnet_recomputed_in_bands,
     supports_bands,
@@ -90,7 +91,7 @@ def test_half_precision_bands_stay_within_half_precision_rounding(vae):
 
 def test_group_moments_combine_bands_into_the_whole_tensors_moments():
     x = torch.randn(2, 8, 9, 5, dtype=torch.float64).float() * 3 + 1
-    mean, var = group_moments(x, groups=4, rows=2)
+    mean, var = pooled_moments(*channel_moments(x, rows=2), groups=4)
     grouped = x.reshape(2, 4, -1)
     assert torch.allclose(mean, grouped.mean(-1), atol=1e-6)
     assert torch.allclose(var, grouped.var(-1, correction=0), atol=1e-5)

@@ -134,11 +134,6 @@ def moments_of_bands(row_bands: Iterable[torch.Tensor]) -> tuple[torch.Tensor, t
     return mean, var
 
 
-def group_moments(x: torch.Tensor, groups: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample and group, the fp32 mean and biased variance of ``x``."""
-    return pooled_moments(*channel_moments(x, rows), groups)
-
-
 def pooled_moments(mean: torch.Tensor, var: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample and group, the mean and variance pooled from the channels' ``(B, C)`` moments (every channel
     counts the same number of points)."""
