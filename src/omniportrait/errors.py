@@ -39,3 +39,7 @@ class FaceIndexError(OmniPortraitError):
 
 class DatasetBuildError(OmniPortraitError):
     """A dataset build cannot go on (e.g. a worker process died); rerunning the same command resumes it."""
+
+
+class OutOfMemoryError(OmniPortraitError):
+    """The GPU ran out of memory; the message names the options that lower the peak."""

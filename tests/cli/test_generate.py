@@ -104,6 +104,31 @@ def test_bad_input_one_line_nonzero_no_output(case, tmp_path, astronaut_path, ca
     assert not out.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, named, not_named", [
+    ([], ["--rb-feature-pass split", "--rb-recompute projection", "--banded-decode"], ["--num-images"]),
+    (["--rb-feature-pass", "split", "--banded-decode", "--num-images", "2"], ["--rb-recompute projection",
+                                                                             "--num-images"],
+     ["--rb-feature-pass", "--banded-decode"]),
+    (["--rb-feature-pass", "split", "--rb-recompute", "projection", "--banded-decode"], ["--width"],
+     ["--rb-", "--banded-decode"]),
+])
+def test_out_of_memory_is_one_line_naming_the_options_not_in_use(flags, named, not_named, monkeypatch, tmp_path,
+                                                                   astronaut_path, capsys):
+    import torch
+
+    from omniportrait.pipelines import OmniPortraitSDPipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(OmniPortraitSDPipeline, "__call__", out_of_memory)
+    out = tmp_path / "o.png"
+    code = generate("--reference", astronaut_path, "--prompt", "a woman", "--out", str(out), *flags)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "ran out of memory" in err and not out.exists()
+    assert all(flag in err for flag in named) and not any(flag in err for flag in not_named)
+
+
 def test_console_script_reports_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "omniportrait.cli", "generate", "--preset", "tiny-sd15",
                              "--reference", str(tmp_path / "missing.png"), "--prompt", "a woman",

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from omniportrait.errors import ClassWordError, ConfigError
+from omniportrait.errors import ClassWordError, ConfigError, OutOfMemoryError
 from omniportrait.files import write_json_atomic
 from omniportrait.guidance.config import FEATURE_PASSES, RECOMPUTES, RBGuidanceConfig
 from omniportrait.pipelines.identity import Identity
@@ -244,6 +244,23 @@ def asdict_flags(args) -> dict:
     return flags
 
 
+def out_of_memory_message(args, config: RBGuidanceConfig) -> str:
+    """What to say when the GPU runs out of memory: the options of this run that would lower the peak."""
+    levers = []
+    if config.enabled and config.feature_pass == "cfg":
+        levers.append("--rb-feature-pass split")
+    if config.enabled and config.recompute == "gelu":
+        levers.append("--rb-recompute projection")
+    if not args.banded_decode:
+        levers.append("--banded-decode")
+    advice = [f"{', '.join(levers)} (each lowers the peak without changing the method, docs/guidance.md)"] \
+        if levers else []
+    if args.num_images > 1:
+        advice.append("fewer images at once (--num-images)")
+    advice.append("a smaller --width/--height")
+    return "the GPU ran out of memory; try " + "; or ".join(advice)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -266,9 +283,12 @@ def run(args: argparse.Namespace) -> int:
     seeds = [args.seed + index for index in range(args.num_images)]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     started = time.perf_counter()
-    output = pipe(args.prompt, identities, negative_prompt=args.negative_prompt, height=args.height,
-                  width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  num_images_per_prompt=args.num_images, generator=generators, rb_guidance=rb_config)
+    try:
+        output = pipe(args.prompt, identities, negative_prompt=args.negative_prompt, height=args.height,
+                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                      num_images_per_prompt=args.num_images, generator=generators, rb_guidance=rb_config)
+    except torch.cuda.OutOfMemoryError as error:
+        raise OutOfMemoryError(out_of_memory_message(args, rb_config)) from error
     elapsed = time.perf_counter() - started
     for index, (image, path, seed) in enumerate(zip(output.images, paths, seeds)):
         path.parent.mkdir(parents=True, exist_ok=True)
