@@ -16,11 +16,10 @@ import argparse
 
 import torch
 
-from omniportrait.benchmark import MODELS, PROMPT, model_components
+from omniportrait.benchmark import MODELS, PROMPT, model_pipeline
 from omniportrait.guidance import RBGuidanceConfig
 from omniportrait.guidance.rb import ReferenceGuidance
 from omniportrait.pipelines import Identity
-from omniportrait.pipelines.loading import PIPELINE_CLASSES
 from tests.guidance.test_graph import EmulatedGraphs
 
 STEP_INDICES = (5, 10, 20, 25, 30)  # of a 50-step schedule: two unguided steps (t > 600), then three guided
@@ -64,9 +63,7 @@ def main() -> None:
     ReferenceGuidance.graph_backend = EmulatedGraphs
     reference = prepare_reference(load_image(args.reference))
     for model in args.models:
-        parts, pivot_encoder = model_components(model, torch.device("cpu"), torch.float32)
-        pipe = PIPELINE_CLASSES[MODELS[model][0]](**parts, pivot_encoder=pivot_encoder)
-        pipe.set_progress_bar_config(disable=True)
+        pipe, _ = model_pipeline(model, torch.device("cpu"), torch.float32)
         for feature_pass in ("cfg", "split"):
             differences = replay_differences(pipe, reference, feature_pass, args.size)
             for index, kind, (noise, gradient, scale) in zip(STEP_INDICES, STEP_KINDS, differences):

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from omniportrait.benchmark import MODELS, model_components, step_calls
-from omniportrait.pipelines.loading import PIPELINE_CLASSES
+from omniportrait.benchmark import MODELS, model_pipeline, step_calls
 
 STEPS = ("plain", "plain+record", "guided-cfg", "guided-cfg-projection", "guided-split", "guided-split-projection",
          "guided-separate")
@@ -79,10 +78,7 @@ def main() -> None:
 
     reference = prepare_reference(load_image(args.reference))
     for model in args.models:
-        arch = MODELS[model][0]
-        parts, pivot_encoder = model_components(model, torch.device("cpu"), torch.float32)
-        pipe = PIPELINE_CLASSES[arch](**parts, pivot_encoder=pivot_encoder)
-        pipe.set_progress_bar_config(disable=True)
+        pipe, _ = model_pipeline(model, torch.device("cpu"), torch.float32)
         calls = step_calls(pipe, reference, args.size, torch.device("cpu"))
         print(f"{model}: operations per step (× plain step)", flush=True)
         plain = None

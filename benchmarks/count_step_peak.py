@@ -23,20 +23,11 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
 from benchmarks.live_tensors import LiveTensorPeak, attention_as_on_cuda, flash_attention
-from omniportrait.benchmark import MODELS, model_components, step_calls
+from omniportrait.benchmark import MODELS, model_pipeline, step_calls
 from omniportrait.faces import prepare_reference
-from omniportrait.pipelines.loading import PIPELINE_CLASSES
 
 EXAMPLE = "examples/astronaut.jpg"
 META = torch.device("meta")
-
-
-def pipeline_on_meta(model: str):
-    """The OmniPortrait pipeline of ``model`` with every component on ``meta`` in fp16, and those components."""
-    parts, pivot_encoder = model_components(model, META, torch.float16)
-    pipe = PIPELINE_CLASSES[MODELS[model][0]](**parts, pivot_encoder=pivot_encoder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, [module for module in [*parts.values(), pivot_encoder] if isinstance(module, torch.nn.Module)]
 
 
 def weight_bytes(modules: list[torch.nn.Module]) -> int:
@@ -77,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = prepare_reference(Image.open(EXAMPLE))
     for model in args.models:
         size = MODELS[model][1]
-        pipe, modules = pipeline_on_meta(model)
+        pipe, modules = model_pipeline(model, META, torch.float16)
         weights = weight_bytes(modules)
         print(f"\n{model} {size}², fp16, weights {weights / 2**30:.2f} GiB"
               + (", feed-forward gates kept" if args.gates_kept else ""))

@@ -27,12 +27,11 @@ from omniportrait.benchmark import (
     MODELS,
     PROMPT,
     device_name,
-    model_components,
+    model_pipeline,
     placement,
     step_calls,
 )
 from omniportrait.guidance.config import FEATURE_PASSES
-from omniportrait.pipelines.loading import PIPELINE_CLASSES
 
 
 def synchronize() -> None:
@@ -116,11 +115,9 @@ def main() -> None:
     from omniportrait.faces import prepare_reference
     from omniportrait.images import load_image
 
-    arch, size = MODELS[args.model]
+    size = MODELS[args.model][1]
     device, dtype = placement(args.model, torch.device("cuda"), torch.float16)
-    parts, pivot_encoder = model_components(args.model, device, dtype)
-    pipe = PIPELINE_CLASSES[arch](**parts, pivot_encoder=pivot_encoder).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, _ = model_pipeline(args.model, device, dtype)
     reference = prepare_reference(load_image(args.reference))
     calls = step_calls(pipe, reference, size, device)
     weights = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

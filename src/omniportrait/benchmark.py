@@ -150,6 +150,17 @@ def model_components(model: str, device: torch.device, dtype: torch.dtype) -> tu
     return real_components(arch, dtype=dtype, device=str(device))
 
 
+def model_pipeline(model: str, device: torch.device, dtype: torch.dtype):
+    """Our pipeline of ``model`` (:data:`MODELS`) on ``device`` in ``dtype``, without a progress bar, and its
+    components (the modules, for counting their weights)."""
+    from omniportrait.pipelines.loading import PIPELINE_CLASSES
+
+    parts, pivot_encoder = model_components(model, device, dtype)
+    pipe = PIPELINE_CLASSES[MODELS[model][0]](**parts, pivot_encoder=pivot_encoder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, [module for module in [*parts.values(), pivot_encoder] if isinstance(module, torch.nn.Module)]
+
+
 def allocator_peak_gib(device: torch.device) -> float | None:
     """CUDA's allocator peak since the last reset, in GiB (None off CUDA)."""
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -1,10 +1,13 @@
 """The meta-device step peak counter (``benchmarks/count_step_peak.py``) on the tiny SD1.5 pipeline."""
 
-from benchmarks.count_step_peak import main, pipeline_on_meta, step_peaks, weight_bytes
+import torch
+
+from benchmarks.count_step_peak import META, main, step_peaks, weight_bytes
+from omniportrait.benchmark import model_pipeline
 
 
 def test_guided_steps_hold_more_than_plain_ones_and_the_leaner_ways_less(astronaut_reference):
-    pipe, modules = pipeline_on_meta("tiny-sd15")
+    pipe, modules = model_pipeline("tiny-sd15", META, torch.float16)
     peaks = step_peaks(pipe, modules, astronaut_reference, 64)
     kept = step_peaks(pipe, modules, astronaut_reference, 64, kept=True)
     assert 0 < peaks["plain"] <= peaks["plain+record"] < peaks["guided-split"] < peaks["guided-cfg"]
