@@ -1,7 +1,15 @@
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 
-from omniportrait.attention import AttentionStore, attention_layers, record_attention
+from omniportrait.attention import (
+    AttentionStore,
+    ContextProjections,
+    SamplingAttnProcessor,
+    attention_layers,
+    record_attention,
+    sampling_attention,
+)
 from omniportrait.models.tiny import tiny_components
 
 
@@ -18,7 +26,7 @@ def unet_and_context(request):
 
 def run(unet, context, extra):
     torch.manual_seed(0)
-    latents = torch.randn(2, 4, 32, 32)
+    latents = torch.randn(context.shape[0], 4, 32, 32)
     return unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=extra).sample
 
 
@@ -100,3 +108,122 @@ def test_identity_maps_average_layers_of_several_sizes_at_one_size():
         single.append(torch.nn.functional.adaptive_avg_pool2d(maps.unflatten(-1, (side, side)), (4, 4)))
     assert torch.allclose(store.identity_maps((4, 4)), torch.stack(single).mean(0), atol=1e-6)
     assert store.identity_maps().shape == (1, 1, 4, 4)  # the first layer's size
+
+
+def processor_types(unet) -> dict:
+    return {name: type(processor) for name, processor in unet.attn_processors.items()}
+
+
+def count_key_projections(unet) -> list[int]:
+    """A counter of the cross-attention key projections run while the returned hooks are on."""
+    calls = [0]
+    handles = [module.to_k.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+               for name, module in unet.named_modules() if name.endswith("attn2")]
+    return calls, handles
+
+
+@torch.no_grad()
+def test_sampling_processor_matches_diffusers_bit_for_bit(unet_and_context):
+    unet, context, extra = unet_and_context
+    before = processor_types(unet)
+    plain = run(unet, context, extra)
+    with sampling_attention(unet):
+        inside = set(processor_types(unet).values())
+        first, cached = run(unet, context, extra), run(unet, context, extra)
+    assert inside == {SamplingAttnProcessor}
+    assert torch.equal(first, plain) and torch.equal(cached, plain)
+    assert processor_types(unet) == before
+
+
+@torch.no_grad()
+def test_context_is_projected_once_per_layer_while_sampling(unet_and_context):
+    unet, context, extra = unet_and_context
+    layers = len([name for name in unet.attn_processors if "attn2" in name])
+    calls, handles = count_key_projections(unet)
+    try:
+        with sampling_attention(unet) as projections:
+            for _ in range(3):
+                run(unet, context, extra)
+            assert calls[0] == layers
+            run(unet, context.chunk(2)[1], {k: v[1:] for k, v in (extra or {}).items()} or None)  # a CFG half
+            assert calls[0] == 2 * layers
+            assert len(projections.entries) == 2 * layers
+        assert not projections.entries  # dropped with the block
+        run(unet, context, extra)
+        assert calls[0] == 3 * layers
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def test_a_context_changed_in_place_is_projected_again(unet_and_context):
+    unet, context, extra = unet_and_context
+    changed = context.clone()
+    with sampling_attention(unet):
+        run(unet, changed, extra)
+        changed.mul_(0.5)
+        cached = run(unet, changed, extra)
+    assert torch.equal(cached, run(unet, changed, extra))
+
+
+def test_gradients_reach_a_context_or_projection_that_requires_them(unet_and_context):
+    unet, context, extra = unet_and_context
+    context = context.clone().requires_grad_(True)
+    unet.zero_grad(set_to_none=True)
+    run(unet, context, extra).square().mean().backward()
+    expected_context, expected_weight = context.grad.clone(), unet.down_blocks[1].attentions[0].transformer_blocks[0]
+    expected_weight = expected_weight.attn2.to_k.weight
+    expected, expected_weight.grad = expected_weight.grad.clone(), None
+    context.grad = None
+    with sampling_attention(unet):
+        for _ in range(2):  # a second call would find a cached projection, if one were kept
+            run(unet, context, extra).square().mean().backward()
+            assert torch.allclose(context.grad, expected_context, atol=1e-6)
+            assert torch.allclose(expected_weight.grad, expected, atol=1e-6)
+            context.grad, expected_weight.grad = None, None
+    unet.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def test_a_user_processor_is_kept(unet_and_context):
+    unet, _, _ = unet_and_context
+    name = next(name for name in unet.attn_processors if "attn2" in name)
+    module = unet.get_submodule(name[: -len(".processor")])
+    original = module.get_processor()
+    module.set_processor(AttnProcessor())
+    try:
+        with sampling_attention(unet):
+            assert type(module.get_processor()) is AttnProcessor
+            assert sum(type(p) is SamplingAttnProcessor for p in unet.attn_processors.values()) > 0
+    finally:
+        module.set_processor(original)
+
+
+@torch.no_grad()
+def test_recording_while_sampling_shares_the_projections(unet_and_context):
+    unet, context, extra = unet_and_context
+    layers = len([name for name in unet.attn_processors if "attn2" in name])
+    store = AttentionStore([[3]], attention_layers(unet, 4, "attn2"), attention_layers(unet, 4, "attn1"),
+                           latent_size=(32, 32), rows=slice(1, 2))
+    calls, handles = count_key_projections(unet)
+    projections = ContextProjections()
+    try:
+        with sampling_attention(unet, projections):
+            run(unet, context, extra)
+            with record_attention(unet, store):
+                recorded = run(unet, context, extra)
+        assert calls[0] == layers
+        assert projections.entries  # given by the caller: kept after the block
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(recorded, run(unet, context, extra))
+    assert store.cross_maps
+
+
+def test_inference_tensors_are_projected_once(unet_and_context):
+    unet, context, extra = unet_and_context
+    with torch.inference_mode(), sampling_attention(unet):
+        first, cached = run(unet, context, extra), run(unet, context, extra)
+    assert torch.equal(first, cached)

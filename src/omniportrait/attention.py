@@ -1,11 +1,14 @@
-"""Recording attention processors: the e_mix cross-attention maps and self-attention q/k.
+"""Attention processors for sampling and recording: the e_mix cross-attention maps and self-attention q/k.
 
-Used by Reference-Based Guidance (regional mask, eq. 6) and by training (face localization loss, eq. 5).
-Processors follow diffusers' processor signature, write into an explicit :class:`AttentionStore`, and are
+Recording is used by Reference-Based Guidance (regional mask, eq. 6) and by training (face localization loss, eq.
+5). Processors follow diffusers' processor signature, write into an explicit :class:`AttentionStore`, and are
 installed only for the duration of a ``with record_attention(...)`` block (restored on exceptions too).
-Layers that record nothing keep their own (fast SDPA) processor. Recording layers attend with SDPA too; an
-identity's map is one more SDPA call with the indicator of its tokens as value, so no probability matrix is
-ever formed.
+Layers that record nothing keep their own processor. Recording layers attend with SDPA too; an identity's map is
+one more SDPA call with the indicator of its tokens as value, so no probability matrix is ever formed.
+
+While a pipeline samples, ``with sampling_attention(...)`` runs diffusers' default layers with
+:class:`SamplingAttnProcessor`: the same arithmetic in fewer operations, the context's keys and values projected
+once per generation instead of once per step.
 """
 
 from __future__ import annotations
@@ -153,19 +156,96 @@ def resize_map(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
-class RecordingAttnProcessor:
-    """diffusers attention processor (``AttnProcessor2_0`` semantics) that also records into a store."""
+@dataclass
+class ContextEntry:
+    """A context's projected keys and values, with the context itself (so its memory is not reused while the entry
+    lives) and its version counter when made."""
 
-    def __init__(self, store: AttentionStore, kind: str):
-        self.store = store
-        self.kind = kind
+    context: torch.Tensor
+    version: int
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+def version_of(tensor: torch.Tensor) -> int:
+    """The in-place version counter; inference tensors, which keep none, count as never changed."""
+    return 0 if tensor.is_inference() else tensor._version
+
+
+class ContextProjections:
+    """Cross-attention keys and values of each context, projected once per layer while sampling runs.
+
+    The context (the prompt embeddings, ``e_mix`` included) is the same at every step of a generation, and so are its
+    keys and values; diffusers projects them again at every step (SDXL: 140 projections in 70 layers per UNet call).
+    An entry is found by the context's address, shape and strides (the halves of a CFG batch are views with their own
+    entries) and used while the context's version counter is unchanged. A context that requires grad, or a layer
+    whose key or value projection trains, is projected afresh: a cached projection would carry no gradient.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, ContextEntry] = {}
+
+    @staticmethod
+    def cacheable(attn, context: torch.Tensor) -> bool:
+        if context.requires_grad:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not any(p.requires_grad for module in (attn.to_k, attn.to_v) for p in module.parameters())
+
+    def key_value(self, attn, context: torch.Tensor, project) -> tuple[torch.Tensor, torch.Tensor]:
+        """``project(attn, context)`` -> ``(key, value)``, from the cache where it may be."""
+        if not self.cacheable(attn, context):
+            return project(attn, context)
+        token = (id(attn), context.data_ptr(), context.shape, context.stride(), context.dtype, context.device)
+        entry = self.entries.get(token)
+        if entry is None or entry.version != version_of(context):
+            with torch.no_grad():
+                entry = ContextEntry(context, version_of(context), *project(attn, context))
+            self.entries[token] = entry
+        return entry.key, entry.value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def split_heads(projected: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """``(B·N, heads·d)`` -> ``(B, heads, N, d)``."""
+    return projected.view(batch, -1, heads, projected.shape[-1] // heads).transpose(1, 2)
+
+
+def key_value_heads(attn, flat: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of ``(B·S, C)`` tokens, heads split: ``(B, heads, S, d)`` each."""
+    return split_heads(attn.to_k(flat), batch, attn.heads), split_heads(attn.to_v(flat), batch, attn.heads)
+
+
+def project_key_value(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`key_value_heads` of a ``(B, S, C)`` cross-attention context (normalised first where the layer says)."""
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return key_value_heads(attn, context.flatten(0, 1), context.shape[0])
+
+
+class SamplingAttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` arithmetic in fewer operations, for the denoising loop.
+
+    On a GPU whose host CPU issues kernels more slowly than the GPU runs them, a step costs what it dispatches
+    (benchmarks/README.md), and diffusers' attention layer dispatches 25 operations besides the attention itself.
+    Here the projections run on the tokens flattened to two dimensions (the matrix product diffusers' call folds to
+    anyway), the context's keys and values come from a :class:`ContextProjections` when one is given, and a rescale
+    factor of 1 divides nothing. The result is the same bit for bit.
+    """
+
+    def __init__(self, projections: ContextProjections | None = None):
+        self.projections = projections
 
     def attend(self, attn, query, key, value, mask):
-        if self.kind == CROSS:
-            self.store.record_cross(query, key, mask, attn.scale)
-        else:
-            self.store.record_self(query, key)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+    def context_key_value(self, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.projections is not None:
+            return self.projections.key_value(attn, context, project_key_value)
+        return project_key_value(attn, context)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -176,28 +256,77 @@ class RecordingAttnProcessor:
         if input_ndim == 4:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if cross else hidden_states
         batch, sequence, _ = context.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        tokens, flat = hidden_states.shape[1], hidden_states.flatten(0, 1)
+        query = split_heads(attn.to_q(flat), batch, attn.heads)
+        key, value = self.context_key_value(attn, context) if cross else key_value_heads(attn, flat, batch)
         if attn.norm_q is not None:
-            query, key = attn.norm_q(query), attn.norm_k(key)
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
         hidden_states = self.attend(attn, query, key, value, attention_mask)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch * tokens, -1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states)).view(batch, tokens, -1)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+class RecordingAttnProcessor(SamplingAttnProcessor):
+    """:class:`SamplingAttnProcessor` that also records into a store."""
+
+    def __init__(self, store: AttentionStore, kind: str, projections: ContextProjections | None = None):
+        super().__init__(projections)
+        self.store = store
+        self.kind = kind
+
+    def attend(self, attn, query, key, value, mask):
+        if self.kind == CROSS:
+            self.store.record_cross(query, key, mask, attn.scale)
+        else:
+            self.store.record_self(query, key)
+        return super().attend(attn, query, key, value, mask)
+
+
+def is_diffusers_default(processor) -> bool:
+    """Whether ``processor`` is diffusers' default SDPA processor, which :class:`SamplingAttnProcessor` replaces."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return type(processor) is AttnProcessor2_0
+
+
+@contextmanager
+def sampling_attention(unet, projections: ContextProjections | None = None):
+    """:class:`SamplingAttnProcessor` on every attention layer that runs diffusers' default processor, for the
+    ``with`` block (a user's or an adapter's processor stays); always restore.
+
+    ``projections`` (default: a new one, cleared on exit) keeps the context's keys and values across the UNet calls
+    of the block."""
+    own = projections is None
+    projections = ContextProjections() if own else projections
+    modules = {name: module for name, module in unet.named_modules()
+               if hasattr(module, "set_processor") and is_diffusers_default(module.get_processor())}
+    original = {name: module.get_processor() for name, module in modules.items()}
+    for module in modules.values():
+        module.set_processor(SamplingAttnProcessor(projections))
+    try:
+        yield projections
+    finally:
+        for name, module in modules.items():
+            module.set_processor(original[name])
+        if own:
+            projections.clear()
 
 
 @contextmanager
@@ -212,7 +341,8 @@ def record_attention(unet, store: AttentionStore, self_attention: bool = True):
     modules = {name: unet.get_submodule(name) for name in kinds}
     original = {name: module.get_processor() for name, module in modules.items()}
     for name, module in modules.items():
-        module.set_processor(RecordingAttnProcessor(store, kinds[name]))
+        projections = getattr(original[name], "projections", None)  # inside sampling_attention: shared
+        module.set_processor(RecordingAttnProcessor(store, kinds[name], projections))
     try:
         yield store
     finally:

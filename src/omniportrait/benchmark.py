@@ -291,11 +291,60 @@ def decode_banded(pipe, latents: torch.Tensor) -> torch.Tensor:
         pipe.disable_banded_decode()
 
 
+class AttentionSwitch:
+    """Each attention layer's processor for the per-step benchmarks: diffusers' own while ``ours`` is false, else the
+    :class:`~omniportrait.attention.SamplingAttnProcessor` a generation samples with (one context cache for all
+    calls, as over a generation's steps). Installed once, switched by a flag: swapping processors costs milliseconds
+    per call on SDXL, which a step's time would count."""
+
+    def __init__(self, ours, theirs, switch: dict):
+        self.ours, self.theirs, self.switch = ours, theirs, switch
+        self.projections = ours.projections  # record_attention's processors share it
+
+    def __call__(self, *args, **kwargs):
+        return (self.ours if self.switch["ours"] else self.theirs)(*args, **kwargs)
+
+
+def switchable_attention(unet, contexts: list[torch.Tensor]) -> Callable[[Callable], Callable]:
+    """Install :class:`AttentionSwitch` processors on ``unet``; returns ``ours(call)``, which runs ``call`` with our
+    processors (without, a call runs diffusers'). The ``contexts``' keys and values are projected beforehand, as on
+    every step of a generation but its first, so that no step's time or memory counts them."""
+    from omniportrait.attention import (
+        ContextProjections,
+        SamplingAttnProcessor,
+        is_diffusers_default,
+        project_key_value,
+    )
+
+    installed = [p for p in unet.attn_processors.values() if isinstance(p, AttentionSwitch)]
+    switch = installed[0].switch if installed else {"ours": False}  # a second call reuses the first's switch
+    projections = ContextProjections()
+    for module in unet.modules():
+        if hasattr(module, "set_processor") and is_diffusers_default(module.get_processor()):
+            module.set_processor(AttentionSwitch(SamplingAttnProcessor(projections), module.get_processor(), switch))
+        if getattr(module, "is_cross_attention", False) and isinstance(module.get_processor(), AttentionSwitch):
+            with torch.no_grad():
+                for context in contexts:
+                    module.get_processor().projections.key_value(module, context, project_key_value)
+
+    def ours(call: Callable) -> Callable:
+        def run():
+            switch["ours"] = True
+            try:
+                return call()
+            finally:
+                switch["ours"] = False
+        return run
+    return ours
+
+
 def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | None = None) -> dict:
     """Zero-argument calls of one sampling step at a guided timestep, per kind of step, for the per-step
     benchmarks (``benchmarks/profile_step.py``, ``benchmarks/count_ops.py``).
 
-    Each call starts as a sampling step does, with no attention recorded yet (by any feature pass's state).
+    ``plain`` is diffusers' UNet call; every other step runs as in our generation (:func:`switchable_attention`),
+    ``plain-ours`` being our unguided step without recording (guidance off). Each call starts as a sampling step
+    does, with no attention recorded yet (by any feature pass's state).
     ``guided-cfg-projection`` and ``guided-split-projection`` recompute the feed-forward's projection. With
     ``graphs`` (default: on CUDA), ``plain+record-graph``, ``guided-cfg-graph`` and ``guided-split-graph`` are
     those steps as CUDA graphs.
@@ -304,8 +353,9 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
     from omniportrait.guidance.rb import ReferenceGuidance
     from omniportrait.pipelines import Identity
 
-    bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
-    cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
+    with torch.no_grad():  # as in a generation
+        bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
+        cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
     pipe.scheduler.set_timesteps(50, device=device)  # on the GPU, as the pipeline has them
     t = pipe.scheduler.timesteps[30]
     latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype)
@@ -324,12 +374,14 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
             state.store.clear()
         return guidance[name]
 
+    ours = switchable_attention(pipe.unet, [cond.prompt_embeds, *cond.prompt_embeds.chunk(2)])  # CFG, its halves
     calls = {"plain": lambda: pipe.predict_noise(latents, t, 0, cond, 7.5),
-             "plain+record": lambda: fresh("cfg").plain_noise(latents, t, cond, 7.5)}
+             "plain-ours": ours(lambda: pipe.predict_noise(latents, t, 0, cond, 7.5)),
+             "plain+record": ours(lambda: fresh("cfg").plain_noise(latents, t, cond, 7.5))}
     if "record-graph" in guidance:
-        calls["plain+record-graph"] = lambda: fresh("record-graph").plain_noise(latents, t, cond, 7.5)
+        calls["plain+record-graph"] = ours(lambda: fresh("record-graph").plain_noise(latents, t, cond, 7.5))
     for name in [name for name in guidance if name != "record-graph"]:
-        calls[f"guided-{name}"] = lambda name=name: fresh(name).guided_noise(latents, t, cond, 7.5)
+        calls[f"guided-{name}"] = ours(lambda name=name: fresh(name).guided_noise(latents, t, cond, 7.5))
     calls["vae-decode"] = lambda: fresh("cfg") and pipe.decode(latents, "pt")
     calls["vae-decode-banded"] = lambda: fresh("cfg") and decode_banded(pipe, latents)
     calls["bind-identities"] = lambda: pipe.bind_identities(PROMPT, [Identity(reference, "woman")])

@@ -15,6 +15,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from PIL import Image
 
+from omniportrait.attention import sampling_attention
 from omniportrait.errors import ConfigError
 from omniportrait.guidance.config import RBGuidanceConfig
 from omniportrait.models.banded_decode import DEFAULT_BAND_MIB, decode_in_bands
@@ -241,7 +242,7 @@ class OmniPortraitMixin:
             cond.prompt_embeds.dtype, device, generator, latents,
         )
         guidance = self.reference_guidance(rb_guidance, bound, height, width, num_images_per_prompt)
-        with guidance.sampling() if guidance else nullcontext():
+        with sampling_attention(self.unet), guidance.sampling() if guidance else nullcontext():
             latents = self.denoise(latents, timesteps, cond, guidance_scale, generator,
                                    guidance.noise if guidance else None)
         if guidance is not None:
