@@ -5,6 +5,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from omniportrait.attention import (
     AttentionStore,
     ContextProjections,
+    RecordingAttnProcessor,
     SamplingAttnProcessor,
     attention_layers,
     record_attention,
@@ -227,3 +228,12 @@ def test_inference_tensors_are_projected_once(unet_and_context):
     with torch.inference_mode(), sampling_attention(unet):
         first, cached = run(unet, context, extra), run(unet, context, extra)
     assert torch.equal(first, cached)
+
+
+def test_the_signature_diffusers_reads_is_the_processor_s_own():
+    import inspect
+
+    processor = RecordingAttnProcessor(AttentionStore([[3]], []), "attn2")
+    names = list(inspect.signature(processor.__call__).parameters)
+    spec = inspect.getfullargspec(SamplingAttnProcessor.__call__)  # not the cached signature
+    assert names == spec.args[1:] + [spec.varargs, spec.varkw]

@@ -13,6 +13,7 @@ once per generation instead of once per step.
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -281,6 +282,11 @@ class SamplingAttnProcessor:
         if attn.rescale_output_factor != 1.0:
             hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+
+# diffusers' Attention.forward reads its processor's signature on every call (to filter keyword arguments): ~19 µs
+# on the 2-core development CPU, 140 calls per SDXL UNet pass. With the signature computed once, ~6 µs.
+SamplingAttnProcessor.__call__.__signature__ = inspect.signature(SamplingAttnProcessor.__call__)
 
 
 class RecordingAttnProcessor(SamplingAttnProcessor):

@@ -2,9 +2,10 @@
 
 Every variant runs a whole generation (text encoding, sampling, VAE decoding to an image) on the same components,
 prompt, size, seed and number of steps, in one process, one after the other; ratios are against diffusers'
-plain pipeline of the same run. Models: the tiny presets (CPU) and the
-real SD1.5 / SDXL architectures with random weights (``random-*``, :mod:`omniportrait.models.architectures`;
-speed and memory do not depend on weight values). Peak memory is CUDA's allocator peak, reported on CUDA only.
+plain pipeline of the same run. Models: the tiny presets (CPU), the real SD1.5 / SDXL architectures with random
+weights (``random-*``, :mod:`omniportrait.models.architectures`; speed and memory do not depend on weight values),
+and their narrow twins (``twin-*``, CPU): the real UNet's layers at a twentieth of its channels, whose steps cost about
+what issuing the real steps costs a GPU's host CPU. Peak memory is CUDA's allocator peak, reported on CUDA only.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ VARIANTS: dict[str, Variant] = {
 }
 # the feature passes step_calls also times as CUDA graphs, and with the feed-forward's projection recomputed
 GRAPHED_PASSES = ("cfg", "split")
-MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "random-sd15": ("sd15", 512),
-          "random-sdxl": ("sdxl", 1024)}
+MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "twin-sd15": ("sd15", 16), "twin-sdxl": ("sdxl", 16),
+          "random-sd15": ("sd15", 512), "random-sdxl": ("sdxl", 1024)}
+CPU_MODELS = ("tiny-", "twin-")  # run on the CPU in fp32 whatever the device
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class BenchConfig:
     model: str
     steps: int = 50
     repeats: int = 3
-    size: int | None = None  # None: 64 for tiny models, 512 for SD1.5, 1024 for SDXL
+    size: int | None = None  # None: 64 for tiny and twin models, 512 for SD1.5, 1024 for SDXL
     variants: tuple[str, ...] = tuple(VARIANTS)
     guidance_scale: float = 7.5
 
@@ -116,8 +118,9 @@ class BenchRow:
 
 
 def placement(model: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
-    """Tiny models always run on the CPU in fp32; the random-weight real architectures where asked."""
-    if model.startswith("tiny-"):
+    """Tiny models and narrow twins always run on the CPU in fp32; the random-weight real architectures where
+    asked."""
+    if model.startswith(CPU_MODELS):
         return torch.device("cpu"), torch.float32
     return device, dtype
 
@@ -145,6 +148,10 @@ def model_components(model: str, device: torch.device, dtype: torch.dtype) -> tu
             if isinstance(module, torch.nn.Module):
                 module.to(device, dtype)
         return parts, pivot_encoder
+    if model.startswith("twin-"):
+        from omniportrait.models.architectures import narrow_twin_components
+
+        return narrow_twin_components(arch)
     from omniportrait.models.architectures import real_components
 
     return real_components(arch, dtype=dtype, device=str(device))
@@ -358,7 +365,8 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
         cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
     pipe.scheduler.set_timesteps(50, device=device)  # on the GPU, as the pipeline has them
     t = pipe.scheduler.timesteps[30]
-    latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype)
+    side = size // pipe.vae_scale_factor
+    latents = torch.randn(1, 4, side, side, device=device, dtype=pipe.unet.dtype)
     configs = {name: RBGuidanceConfig(feature_pass=name) for name in FEATURE_PASSES}
     configs.update({f"{name}-projection": RBGuidanceConfig(feature_pass=name, recompute="projection")
                     for name in GRAPHED_PASSES})

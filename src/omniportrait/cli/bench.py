@@ -9,7 +9,7 @@ import argparse
 import sys
 import warnings
 
-from omniportrait.benchmark import MODELS, PLAIN, VARIANTS
+from omniportrait.benchmark import CPU_MODELS, MODELS, PLAIN, VARIANTS
 
 
 def add_parser(subparsers) -> None:
@@ -23,15 +23,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reference", required=True, help="face photo for the identity, e.g. examples/astronaut.jpg")
     p.add_argument("--models", nargs="+", default=None, choices=list(MODELS), metavar="MODEL",
                    help=f"any of {', '.join(MODELS)} (default: the tiny models, and the random-weight real "
-                        "architectures when CUDA is available)")
+                        "architectures when CUDA is available). twin-*: the real UNet's layers at a twentieth of its "
+                        "channels, on the CPU, where a step costs about what issuing the real one costs a GPU's host")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)} (default: all; {PLAIN} always runs first)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50, the paper's)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed rounds over all variants after one warm-up round (each keeps its best)")
-    p.add_argument("--size", type=int, default=None, help="image side (default: 64 tiny, 512 SD1.5, 1024 SDXL)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side (default: 64 tiny and twin, 512 SD1.5, 1024 SDXL)")
     p.add_argument("--device", default="auto", help="device of the random-* models: auto, cpu, cuda, cuda:N; "
-                                                    "tiny models always run on the CPU")
+                                                    "tiny and twin models always run on the CPU")
     p.add_argument("--dtype", default="auto", help="dtype of the random-* models (auto: fp16 on CUDA, else fp32)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON")
     p.set_defaults(run=run)
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     report = []
     for config in configs:
         model_device, dtype = placement(config.model, device, resolve_dtype(args.dtype, device))
-        if model_device.type == "cpu" and not config.model.startswith("tiny-"):
+        if model_device.type == "cpu" and not config.model.startswith(CPU_MODELS):
             warnings.warn(f"{config.model} is slow on the CPU (seconds to minutes per step); use few --steps or a GPU",
                           stacklevel=1)
         with tqdm(total=(config.repeats + 1) * len(config.variants_on(model_device)), desc=config.model,
