@@ -237,3 +237,19 @@ def test_the_signature_diffusers_reads_is_the_processor_s_own():
     names = list(inspect.signature(processor.__call__).parameters)
     spec = inspect.getfullargspec(SamplingAttnProcessor.__call__)  # not the cached signature
     assert names == spec.args[1:] + [spec.varargs, spec.varkw]
+
+
+@torch.no_grad()
+def test_recording_while_sampling_tells_the_layers_and_stops_after(unet_and_context):
+    unet, context, extra = unet_and_context
+    store = AttentionStore([[3]], attention_layers(unet, 4, "attn2"), attention_layers(unet, 4, "attn1"),
+                           latent_size=(32, 32))
+    with sampling_attention(unet):
+        inside = dict(unet.attn_processors)
+        with record_attention(unet, store):
+            assert unet.attn_processors == inside  # the same processor objects, recording
+            run(unet, context, extra)
+        recorded = (len(store.cross_maps), len(store.self_qk))
+        run(unet, context, extra)
+    assert recorded == (len(store.cross_layers), len(store.self_layers))
+    assert (len(store.cross_maps), len(store.self_qk)) == recorded  # nothing after the block

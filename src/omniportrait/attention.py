@@ -71,6 +71,15 @@ class AttentionStore:
     _total: torch.Tensor | None = None
     _calls: torch.Tensor | None = None
     _indicators: dict = field(default_factory=dict)
+    _unet: object = None
+    _layer_modules: dict = field(default_factory=dict)
+
+    def layer_modules(self, unet) -> dict:
+        """``{name: attention module}`` of the recorded layers of ``unet``, looked up once (every step records)."""
+        if self._unet is not unet:
+            names = [*self.cross_layers, *self.self_layers]
+            self._unet, self._layer_modules = unet, {name: unet.get_submodule(name) for name in names}
+        return self._layer_modules
 
     def clear(self) -> None:
         self.cross_maps.clear()
@@ -228,7 +237,8 @@ def project_key_value(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 class SamplingAttnProcessor:
-    """diffusers' ``AttnProcessor2_0`` arithmetic in fewer operations, for the denoising loop.
+    """diffusers' ``AttnProcessor2_0`` arithmetic in fewer operations, for the denoising loop; records into
+    ``store`` while one is set (``kind``: :data:`CROSS` maps or :data:`SELF` q/k).
 
     On a GPU whose host CPU issues kernels more slowly than the GPU runs them, a step costs what it dispatches
     (benchmarks/README.md), and diffusers' attention layer dispatches 25 operations besides the attention itself.
@@ -237,10 +247,17 @@ class SamplingAttnProcessor:
     factor of 1 divides nothing. The result is the same bit for bit.
     """
 
-    def __init__(self, projections: ContextProjections | None = None):
+    def __init__(self, projections: ContextProjections | None = None, store: AttentionStore | None = None,
+                 kind: str | None = None):
         self.projections = projections
+        self.store, self.kind = store, kind
 
     def attend(self, attn, query, key, value, mask):
+        if self.store is not None:
+            if self.kind == CROSS:
+                self.store.record_cross(query, key, mask, attn.scale)
+            else:
+                self.store.record_self(query, key)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
 
     def context_key_value(self, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,19 +307,10 @@ SamplingAttnProcessor.__call__.__signature__ = inspect.signature(SamplingAttnPro
 
 
 class RecordingAttnProcessor(SamplingAttnProcessor):
-    """:class:`SamplingAttnProcessor` that also records into a store."""
+    """:class:`SamplingAttnProcessor` recording into ``store``, for a layer whose processor is not one already."""
 
     def __init__(self, store: AttentionStore, kind: str, projections: ContextProjections | None = None):
-        super().__init__(projections)
-        self.store = store
-        self.kind = kind
-
-    def attend(self, attn, query, key, value, mask):
-        if self.kind == CROSS:
-            self.store.record_cross(query, key, mask, attn.scale)
-        else:
-            self.store.record_self(query, key)
-        return super().attend(attn, query, key, value, mask)
+        super().__init__(projections, store, kind)
 
 
 def is_diffusers_default(processor) -> bool:
@@ -337,20 +345,31 @@ def sampling_attention(unet, projections: ContextProjections | None = None):
 
 @contextmanager
 def record_attention(unet, store: AttentionStore, self_attention: bool = True):
-    """Install recording processors on the store's layers for the ``with`` block; always restore.
+    """Record the store's layers for the ``with`` block; always restore.
 
-    ``self_attention=False`` records the cross-attention maps only. Only the recorded layers are touched:
-    diffusers' ``set_attn_processor`` walks every module of the UNet, about 20 ms per call on SDXL.
+    ``self_attention=False`` records the cross-attention maps only. A layer running :class:`SamplingAttnProcessor`
+    (inside :func:`sampling_attention`) is told to record, which costs nothing; any other gets a
+    :class:`RecordingAttnProcessor` for the block (sharing the projections of the processor it replaces, if any).
+    Only the recorded layers are touched: diffusers' ``set_attn_processor`` walks every module of the UNet, about 20
+    ms per call on SDXL.
     """
     kinds = {name: CROSS for name in store.cross_layers}
     kinds.update({name: SELF for name in store.self_layers} if self_attention else {})
-    modules = {name: unet.get_submodule(name) for name in kinds}
-    original = {name: module.get_processor() for name, module in modules.items()}
-    for name, module in modules.items():
-        projections = getattr(original[name], "projections", None)  # inside sampling_attention: shared
-        module.set_processor(RecordingAttnProcessor(store, kinds[name], projections))
+    modules = store.layer_modules(unet)
+    told, replaced = [], {}
+    for name, kind in kinds.items():
+        module = modules[name]
+        processor = module.processor
+        if isinstance(processor, SamplingAttnProcessor) and processor.store is None:
+            processor.store, processor.kind = store, kind
+            told.append(processor)
+        else:
+            replaced[name] = processor
+            module.set_processor(RecordingAttnProcessor(store, kind, getattr(processor, "projections", None)))
     try:
         yield store
     finally:
-        for name, module in modules.items():
-            module.set_processor(original[name])
+        for processor in told:
+            processor.store = processor.kind = None
+        for name, processor in replaced.items():
+            modules[name].set_processor(processor)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from omniportrait.attention import ContextProjections, SamplingAttnProcessor, is_diffusers_default, project_key_value
 from omniportrait.errors import ConfigError
 from omniportrait.guidance import RBGuidanceConfig
 
@@ -298,37 +299,35 @@ def decode_banded(pipe, latents: torch.Tensor) -> torch.Tensor:
         pipe.disable_banded_decode()
 
 
-class AttentionSwitch:
-    """Each attention layer's processor for the per-step benchmarks: diffusers' own while ``ours`` is false, else the
-    :class:`~omniportrait.attention.SamplingAttnProcessor` a generation samples with (one context cache for all
-    calls, as over a generation's steps). Installed once, switched by a flag: swapping processors costs milliseconds
-    per call on SDXL, which a step's time would count."""
+class AttentionSwitch(SamplingAttnProcessor):
+    """Each attention layer's processor for the per-step benchmarks: diffusers' own while ``switch["ours"]`` is false,
+    else ours as a generation samples with it (one context cache for all calls, as over a generation's steps;
+    recording switched on in place, as in a generation). Installed once, switched by a flag: swapping processors
+    costs milliseconds per call on SDXL, which a step's time would count."""
 
-    def __init__(self, ours, theirs, switch: dict):
-        self.ours, self.theirs, self.switch = ours, theirs, switch
-        self.projections = ours.projections  # record_attention's processors share it
+    def __init__(self, projections: ContextProjections, theirs, switch: dict):
+        super().__init__(projections)
+        self.theirs, self.switch = theirs, switch
 
     def __call__(self, *args, **kwargs):
-        return (self.ours if self.switch["ours"] else self.theirs)(*args, **kwargs)
+        if self.switch["ours"]:
+            return super().__call__(*args, **kwargs)
+        return self.theirs(*args, **kwargs)
+
+
+AttentionSwitch.__call__.__signature__ = SamplingAttnProcessor.__call__.__signature__  # diffusers reads it per call
 
 
 def switchable_attention(unet, contexts: list[torch.Tensor]) -> Callable[[Callable], Callable]:
     """Install :class:`AttentionSwitch` processors on ``unet``; returns ``ours(call)``, which runs ``call`` with our
     processors (without, a call runs diffusers'). The ``contexts``' keys and values are projected beforehand, as on
     every step of a generation but its first, so that no step's time or memory counts them."""
-    from omniportrait.attention import (
-        ContextProjections,
-        SamplingAttnProcessor,
-        is_diffusers_default,
-        project_key_value,
-    )
-
     installed = [p for p in unet.attn_processors.values() if isinstance(p, AttentionSwitch)]
     switch = installed[0].switch if installed else {"ours": False}  # a second call reuses the first's switch
     projections = ContextProjections()
     for module in unet.modules():
         if hasattr(module, "set_processor") and is_diffusers_default(module.get_processor()):
-            module.set_processor(AttentionSwitch(SamplingAttnProcessor(projections), module.get_processor(), switch))
+            module.set_processor(AttentionSwitch(projections, module.get_processor(), switch))
         if getattr(module, "is_cross_attention", False) and isinstance(module.get_processor(), AttentionSwitch):
             with torch.no_grad():
                 for context in contexts:
