@@ -73,7 +73,7 @@ class BenchConfig:
     model: str
     steps: int = 50
     repeats: int = 3
-    size: int | None = None  # None: 64 for tiny and twin models, 512 for SD1.5, 1024 for SDXL
+    size: int | None = None  # None: 64 for tiny models, 16 for twins, 512 for SD1.5, 1024 for SDXL
     variants: tuple[str, ...] = tuple(VARIANTS)
     guidance_scale: float = 7.5
 

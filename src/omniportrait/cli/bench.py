@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed rounds over all variants after one warm-up round (each keeps its best)")
     p.add_argument("--size", type=int, default=None,
-                   help="image side (default: 64 tiny and twin, 512 SD1.5, 1024 SDXL)")
+                   help="image side (default: 64 tiny, 16 twin, 512 SD1.5, 1024 SDXL)")
     p.add_argument("--device", default="auto", help="device of the random-* models: auto, cpu, cuda, cuda:N; "
                                                     "tiny and twin models always run on the CPU")
     p.add_argument("--dtype", default="auto", help="dtype of the random-* models (auto: fp16 on CUDA, else fp32)")
