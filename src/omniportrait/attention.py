@@ -242,9 +242,10 @@ class SamplingAttnProcessor:
 
     On a GPU whose host CPU issues kernels more slowly than the GPU runs them, a step costs what the host spends
     issuing it (benchmarks/README.md), and diffusers' attention layer dispatches 25 operations besides the attention
-    itself (ours: 18 for self-attention, 10 for cross-attention). Here the projections run on the tokens flattened to two dimensions (the matrix product diffusers' call folds to
-    anyway), the context's keys and values come from a :class:`ContextProjections` when one is given, and a rescale
-    factor of 1 divides nothing. The result is the same bit for bit.
+    itself (ours: 18 for self-attention, 10 for cross-attention). Here the projections run on the tokens flattened
+    to two dimensions (the matrix product diffusers' call folds to anyway), the context's keys and values come from
+    a :class:`ContextProjections` when one is given, and a rescale factor of 1 divides nothing. The result is the
+    same bit for bit.
     """
 
     def __init__(self, projections: ContextProjections | None = None, store: AttentionStore | None = None,
