@@ -2,8 +2,9 @@
 
 The CUDA capture is replaced by the emulation of ``tests/guidance/test_graph.py`` (a replay runs only the aten
 operations the capture recorded, on the same tensors). For each feature pass, two ``ReferenceGuidance`` states
-take the same steps (two unguided, then three guided), at changing latents and timesteps, one eagerly and one
-captured on the first step of each kind and replayed after; the script prints the largest difference of the noise
+take the same steps (two unguided, then three guided), at changing latents and timesteps, with the attention
+processors and frozen weights of a generation, one eagerly and one captured on the first step of each kind and
+replayed after; the script prints the largest difference of the noise
 and of the gradient. Random weights, fp32, CPU, a small image (the replay logic does not depend on the size);
 a few minutes on 2 cores.
 
@@ -16,6 +17,7 @@ import argparse
 
 import torch
 
+from omniportrait.attention import ContextProjections, sampling_attention
 from omniportrait.benchmark import MODELS, PROMPT, model_pipeline
 from omniportrait.guidance import RBGuidanceConfig
 from omniportrait.guidance.rb import ReferenceGuidance
@@ -30,19 +32,27 @@ STEP_KINDS = ("unguided, eager then captured", "unguided, replayed", "guided, ea
 def replay_differences(pipe, reference, feature_pass: str, size: int) -> list[tuple[float, float, float]]:
     """Per step: (max |Δ noise|, max |Δ gradient|, max |gradient|) between the eager and the replayed state; the
     gradient columns are 0 on unguided steps."""
-    bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
-    cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
+    with torch.no_grad():  # as in a generation
+        bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
+        cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
     pipe.scheduler.set_timesteps(50)
     eager, graphed = (ReferenceGuidance(pipe, RBGuidanceConfig(feature_pass=feature_pass, strength=5000.0,
                                                                cuda_graph=graph), bound, size, size, 1)
                       for graph in (False, True))
-    latents = torch.randn(1, pipe.unet.config.in_channels, size // 8, size // 8,
-                          generator=torch.Generator().manual_seed(0))
+    side = size // pipe.vae_scale_factor
+    latents = torch.randn(1, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    projections = {eager: ContextProjections(), graphed: ContextProjections()}  # each state's own, as a generation's
+
+    def step(state: ReferenceGuidance, z, t, index: int) -> torch.Tensor:
+        """One sampling step as a generation takes it: our attention processors, the weights frozen."""
+        with sampling_attention(pipe.unet, projections[state]), state.sampling():
+            return state.noise(z, t, index, cond, 7.5)
+
     differences = []
-    for step, index in enumerate(STEP_INDICES):
-        t, z = pipe.scheduler.timesteps[index], latents * (1 - 0.1 * step)
-        noise = eager.noise(z, t, index, cond, 7.5)
-        replayed = graphed.noise(z, t, index, cond, 7.5)
+    for step_number, index in enumerate(STEP_INDICES):
+        t, z = pipe.scheduler.timesteps[index], latents * (1 - 0.1 * step_number)
+        noise = step(eager, z, t, index)
+        replayed = step(graphed, z, t, index)
         gradients = (eager.last_gradient, graphed.last_gradient)
         if gradients[0] is None:
             gradients = (torch.zeros(()), torch.zeros(()))
