@@ -253,3 +253,86 @@ def test_recording_while_sampling_tells_the_layers_and_stops_after(unet_and_cont
         run(unet, context, extra)
     assert recorded == (len(store.cross_layers), len(store.self_layers))
     assert (len(store.cross_maps), len(store.self_qk)) == recorded  # nothing after the block
+
+
+def count_signature_reads(monkeypatch) -> list[int]:
+    import inspect
+
+    reads, signature = [0], inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: reads.__setitem__(0, reads[0] + 1) or signature(*a, **k))
+    return reads
+
+
+@torch.no_grad()
+def test_sampling_layers_call_their_processor_without_reading_its_signature(unet_and_context, monkeypatch):
+    unet, context, extra = unet_and_context
+    reads = count_signature_reads(monkeypatch)
+    run(unet, context, extra)
+    outside = reads[0]
+    with sampling_attention(unet):
+        forwards = {name for name, module in unet.named_modules() if "forward" in vars(module)}
+        run(unet, context, extra)
+    assert outside >= len(unet.attn_processors) and reads[0] == outside  # diffusers reads it per layer and call
+    assert forwards == {name[: -len(".processor")] for name in unet.attn_processors}
+    assert not [name for name, module in unet.named_modules() if "forward" in vars(module)]  # all restored
+
+
+@torch.no_grad()
+def test_a_forward_a_hook_replaced_is_kept_while_sampling(unet_and_context):
+    unet, context, extra = unet_and_context
+    name = next(name for name in unet.attn_processors if "attn1" in name)[: -len(".processor")]
+    module, calls = unet.get_submodule(name), []
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return type(module).forward(module, *args, **kwargs)
+
+    module.forward = hooked
+    try:
+        with sampling_attention(unet):
+            assert module.forward is hooked
+            run(unet, context, extra)
+        assert module.forward is hooked and calls == [1]
+    finally:
+        del module.forward
+
+
+@torch.no_grad()
+def test_sampling_layers_warn_about_and_ignore_keywords_their_processor_takes_not(unet_and_context):
+    unet, context, extra = unet_and_context
+    plain = run(unet, context, extra)
+    torch.manual_seed(0)
+    latents = torch.randn(context.shape[0], 4, 32, 32)
+    with sampling_attention(unet), pytest.warns(UserWarning, match=r"\['unknown'\] are not expected"):
+        sample = unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=extra,
+                      cross_attention_kwargs={"unknown": 1.0, "ip_adapter_masks": None}).sample
+    assert torch.equal(sample, plain)
+
+
+@torch.no_grad()
+def test_a_processor_set_inside_the_block_runs_through_diffusers_forward(unet_and_context):
+    unet, context, extra = unet_and_context
+    name = next(name for name in unet.attn_processors if "attn2" in name)[: -len(".processor")]
+    module, calls = unet.get_submodule(name), []
+
+    class Counting(AttnProcessor):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(*args, **kwargs)
+
+    plain = run(unet, context, extra)
+    with sampling_attention(unet):
+        module.set_processor(Counting())
+        changed = run(unet, context, extra)
+    assert calls == [1] and torch.allclose(changed, plain, atol=1e-5)
+    assert type(module.get_processor()) is not Counting  # the one before the block comes back
+
+
+def test_a_dropout_that_drops_nothing_is_not_called():
+    from omniportrait.attention import drops_nothing
+
+    dropout = torch.nn.Dropout(0.1)
+    assert not drops_nothing(dropout)  # training mode
+    assert drops_nothing(dropout.eval()) and drops_nothing(torch.nn.Dropout(0.0))
+    dropout.register_forward_hook(lambda *args: None)
+    assert not drops_nothing(dropout)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -292,7 +293,7 @@ class SamplingAttnProcessor:
             key = attn.norm_k(key)
         hidden_states = self.attend(attn, query, key, value, attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch * tokens, -1)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states)).view(batch, tokens, -1)
+        hidden_states = output_projection(attn, hidden_states).view(batch, tokens, -1)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
         if attn.residual_connection:
@@ -303,8 +304,46 @@ class SamplingAttnProcessor:
 
 
 # diffusers' Attention.forward reads its processor's signature on every call (to filter keyword arguments): ~19 µs
-# on the 2-core development CPU, 140 calls per SDXL UNet pass. With the signature computed once, ~6 µs.
+# on the 2-core development CPU, 140 calls per SDXL UNet pass. With the signature computed once, ~6 µs; inside
+# sampling_attention the layers skip the reading altogether (sampling_forward).
 SamplingAttnProcessor.__call__.__signature__ = inspect.signature(SamplingAttnProcessor.__call__)
+
+
+def drops_nothing(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a dropout that returns its input as it is (evaluation mode or ``p = 0``) and has no hook,
+    so that calling it can be skipped."""
+    return (type(module) is torch.nn.Dropout and not (module.training and module.p)
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def output_projection(attn, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``attn.to_out``: the output projection, then its dropout unless that drops nothing (a module call saved)."""
+    projection, dropout = attn.to_out
+    hidden_states = projection(hidden_states)
+    return hidden_states if drops_nothing(dropout) else dropout(hidden_states)
+
+
+QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})  # diffusers drops these without a warning
+
+
+def sampling_forward(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **cross_attention_kwargs):
+    """``Attention.forward`` of a layer inside :func:`sampling_attention`, without reading the processor's signature.
+
+    diffusers' forward reads it at every call to filter the keyword arguments, and ``inspect`` builds a new
+    signature for the bound method each time, even from a cached one (~20 µs per call on the 2-core development
+    CPU, 140 calls per SDXL UNet pass). A :class:`SamplingAttnProcessor` takes ``temb`` and nothing more, so any other
+    keyword is dropped with diffusers' warning. A layer whose processor was changed inside the block runs
+    diffusers' forward.
+    """
+    processor = attn.processor
+    if not isinstance(processor, SamplingAttnProcessor):
+        return type(attn).forward(attn, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+    temb = cross_attention_kwargs.pop("temb", None)
+    ignored = sorted(set(cross_attention_kwargs) - QUIET_KWARGS)
+    if ignored:
+        warnings.warn(f"cross_attention_kwargs {ignored} are not expected by {type(processor).__name__} and will be "
+                      f"ignored", stacklevel=2)
+    return processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 class RecordingAttnProcessor(SamplingAttnProcessor):
@@ -327,17 +366,23 @@ def sampling_attention(unet, projections: ContextProjections | None = None):
     ``with`` block (a user's or an adapter's processor stays); always restore.
 
     ``projections`` (default: a new one, cleared on exit) keeps the context's keys and values across the UNet calls
-    of the block."""
+    of the block. The layers call their processor through :func:`sampling_forward` (unless a hook has replaced their
+    ``forward``, as accelerate's offloading does)."""
     own = projections is None
     projections = ContextProjections() if own else projections
     modules = {name: module for name, module in unet.named_modules()
                if hasattr(module, "set_processor") and is_diffusers_default(module.get_processor())}
     original = {name: module.get_processor() for name, module in modules.items()}
+    direct = [module for module in modules.values() if "forward" not in vars(module)]  # a hook's forward stays
     for module in modules.values():
         module.set_processor(SamplingAttnProcessor(projections))
+    for module in direct:
+        module.forward = sampling_forward.__get__(module)
     try:
         yield projections
     finally:
+        for module in direct:
+            del module.forward
         for name, module in modules.items():
             module.set_processor(original[name])
         if own:

@@ -18,7 +18,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from omniportrait.attention import ContextProjections, SamplingAttnProcessor, is_diffusers_default, project_key_value
+from omniportrait.attention import (
+    ContextProjections,
+    SamplingAttnProcessor,
+    is_diffusers_default,
+    project_key_value,
+    sampling_forward,
+)
 from omniportrait.errors import ConfigError
 from omniportrait.guidance import RBGuidanceConfig
 
@@ -318,6 +324,13 @@ class AttentionSwitch(SamplingAttnProcessor):
 AttentionSwitch.__call__.__signature__ = SamplingAttnProcessor.__call__.__signature__  # diffusers reads it per call
 
 
+def switched_forward(attn, *args, **kwargs):
+    """A layer's forward under :class:`AttentionSwitch`: :func:`sampling_forward` as a generation's layers run while
+    ours are on, diffusers' ``Attention.forward`` otherwise."""
+    forward = sampling_forward if attn.processor.switch["ours"] else type(attn).forward
+    return forward(attn, *args, **kwargs)
+
+
 def switchable_attention(unet, contexts: list[torch.Tensor]) -> Callable[[Callable], Callable]:
     """Install :class:`AttentionSwitch` processors on ``unet``; returns ``ours(call)``, which runs ``call`` with our
     processors (without, a call runs diffusers'). The ``contexts``' keys and values are projected beforehand, as on
@@ -328,6 +341,7 @@ def switchable_attention(unet, contexts: list[torch.Tensor]) -> Callable[[Callab
     for module in unet.modules():
         if hasattr(module, "set_processor") and is_diffusers_default(module.get_processor()):
             module.set_processor(AttentionSwitch(projections, module.get_processor(), switch))
+            module.forward = switched_forward.__get__(module)
         if getattr(module, "is_cross_attention", False) and isinstance(module.get_processor(), AttentionSwitch):
             with torch.no_grad():
                 for context in contexts:
