@@ -11,6 +11,7 @@ from omniportrait.attention import (
     record_attention,
     sampling_attention,
 )
+from omniportrait.guidance.recompute import weights_frozen
 from omniportrait.models.tiny import tiny_components
 
 
@@ -336,3 +337,19 @@ def test_a_dropout_that_drops_nothing_is_not_called():
     assert drops_nothing(dropout.eval()) and drops_nothing(torch.nn.Dropout(0.0))
     dropout.register_forward_hook(lambda *args: None)
     assert not drops_nothing(dropout)
+
+
+def test_a_projection_frozen_inside_the_block_is_cached_from_then_on(unet_and_context):
+    unet, context, extra = unet_and_context
+    layers = len([name for name in unet.attn_processors if "attn2" in name])
+    calls, handles = count_key_projections(unet)
+    try:
+        with torch.enable_grad(), sampling_attention(unet):
+            run(unet, context, extra)  # the weights require grad: projected afresh
+            with weights_frozen(unet):
+                run(unet, context, extra)
+                run(unet, context, extra)
+        assert calls[0] == 2 * layers
+    finally:
+        for handle in handles:
+            handle.remove()
