@@ -10,12 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from omniportrait.cli.generate import COST_FLAGS
 from omniportrait.evaluation.metrics import METRIC_NAMES, MetricConfig, parse_metric_names
 from omniportrait.evaluation.metrics.blip import DEFAULT_BLIP_MODEL
 from omniportrait.evaluation.metrics.clip import DEFAULT_CLIP_MODEL
 from omniportrait.evaluation.prompts import CATEGORIES, DEFAULT_CLASS_WORD
 from omniportrait.evaluation.sim import SIM_BACKENDS
-from omniportrait.guidance.config import RECOMPUTES
 from omniportrait.pipelines.loading import PRESETS
 
 
@@ -38,14 +38,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=int, default=None, help="default: the preset's size")
     p.add_argument("--height", type=int, default=None, help="default: the preset's size")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--rb-cuda-graph", action="store_true",
-                   help="capture the sampling steps as CUDA graphs (CUDA, DDIM; same images, so finished ones are "
-                        "reused either way)")
-    p.add_argument("--rb-recompute", choices=RECOMPUTES, default="gelu",
-                   help="what the guided step's feed-forwards recompute in the backward: gelu, or projection "
-                        "(less memory, more FLOPs; same images, so finished ones are reused either way)")
-    p.add_argument("--banded-decode", action="store_true",
-                   help="decode images in bands of rows: the same images up to rounding, with less memory")
+    for flag, spec in COST_FLAGS.items():  # the images do not change, so finished ones are reused either way
+        p.add_argument(flag, **spec)
     p.add_argument("--seeds", type=int, default=1, help="seeds per (reference, prompt) (default: 1)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST … FIRST+N-1 (default: 0)")
     p.add_argument("--class-words", default=None, metavar="NAME=WORD,...|FILE",

@@ -16,6 +16,19 @@ from omniportrait.pipelines.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
 from omniportrait.text import find_person_nouns
 
+# Flags that change what a generation costs, not the image it draws (up to rounding); evaluate takes them too.
+COST_FLAGS = {
+    "--banded-decode": dict(action="store_true",
+                            help="decode in bands of rows: the same image up to rounding, with less memory "
+                                 "(SDXL at 1024²: 1.6 instead of 3.0 GiB of decoder activations)"),
+    "--rb-recompute": dict(choices=RECOMPUTES, default=RBGuidanceConfig().recompute,
+                           help="what the guided step's feed-forwards recompute in the backward: gelu (free), or "
+                                "projection (less memory, SDXL: 2.3 GiB less with cfg, 13%% more FLOPs); same images"),
+    "--rb-cuda-graph": dict(action="store_true",
+                            help="capture the sampling steps as CUDA graphs once and replay them (CUDA, DDIM; same "
+                                 "images, less host overhead)"),
+}
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -45,9 +58,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--banded-decode", action="store_true",
-                   help="decode the image in bands of rows: the same image up to rounding, with less memory "
-                        "(SDXL at 1024²: 1.6 instead of 3.0 GiB of decoder activations)")
+    p.add_argument("--banded-decode", **COST_FLAGS["--banded-decode"])
     add_guidance_arguments(p)
     p.set_defaults(run=run)
 
@@ -71,14 +82,10 @@ def add_guidance_arguments(p) -> None:
                    help="cfg: features from the batched CFG pass with grad; split: CFG as an unconditional pass "
                         "and a conditional one with grad (half the backward memory); separate: CFG pass without "
                         "grad plus a partial conditional pass")
-    g.add_argument("--rb-recompute", choices=RECOMPUTES, default=d.recompute,
-                   help="what the guided step's feed-forwards recompute in the backward: gelu (free), or "
-                        "projection (less memory, SDXL: 2.3 GiB less with cfg, 13%% more FLOPs); same images")
+    g.add_argument("--rb-recompute", **COST_FLAGS["--rb-recompute"])
     g.add_argument("--rb-interval", type=int, default=d.gradient_interval, metavar="N",
                    help="recompute the guidance gradient every N-th guided step, reuse it in between (paper: 1)")
-    g.add_argument("--rb-cuda-graph", action="store_true",
-                   help="capture the sampling steps as CUDA graphs once and replay them (CUDA, DDIM; same "
-                        "images, less host overhead)")
+    g.add_argument("--rb-cuda-graph", **COST_FLAGS["--rb-cuda-graph"])
     g.add_argument("--save-masks", default=None, metavar="DIR", help="write M_gen, M_ref and matches as PNGs")
 
 
