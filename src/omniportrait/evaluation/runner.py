@@ -64,8 +64,9 @@ class GenerationConfig:
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
-    cuda_graph: bool = False  # sampling steps as CUDA graphs (``--rb-cuda-graph``): same images, less host time
-    recompute: str = "gelu"  # what the feed-forwards recompute in the backward (``--rb-recompute``): same images
+    # Guidance fields that change how, not what, is drawn (GUIDANCE_RUNNING); defaults as RBGuidanceConfig's.
+    cuda_graph: bool = RBGuidanceConfig.cuda_graph  # steps as CUDA graphs (``--rb-cuda-graph``): less host time
+    recompute: str = RBGuidanceConfig.recompute  # the backward's recompute (``--rb-recompute``): less memory
     banded_decode: bool = False  # decode in bands (``--banded-decode``): same images up to rounding, less memory
 
     def pipeline_kwargs(self, setting_kwargs: dict) -> dict:
