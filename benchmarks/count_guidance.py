@@ -7,10 +7,13 @@ feature capture (:mod:`omniportrait.guidance.features`):
     plain          CFG batch-2 forward without grad (one plain sampling step)
     cfg-full-graph CFG forward with grad through the whole UNet, backward from the DIFT features
     cfg-gate-kept  CFG forward with grad up to the DIFT block only (no graph after it), backward
-    cfg            as shipped: cfg-gate-kept with the feed-forward gates recomputed in the backward
+    cfg-every-row  cfg-gate-kept with the feed-forward gates recomputed in the backward (``--rb-recompute gelu``),
+                   every row kept, as before the gates took the conditional rows only
+    cfg            as cfg-every-row, the gates keeping and differentiating the conditional row only
     split          batch-1 unconditional forward without grad + batch-1 conditional forward as in cfg, backward
     separate       plain + a batch-1 conditional forward with grad stopped after the DIFT block, backward
-    *-projection   cfg / split with the feed-forward's whole projection recomputed (``--rb-recompute projection``)
+    *-projection   the feed-forward's whole projection recomputed (``--rb-recompute projection``, the default):
+                   ``cfg-projection`` is what a generation runs by default
 
 All but the first three recompute the feed-forward gates as the pipeline does (``omniportrait.guidance.recompute``).
 
@@ -41,10 +44,14 @@ from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed
 from omniportrait.models.architectures import sd15_unet, sdxl_unet
 
 ARCHS = {"sd15": (sd15_unet, 64, 768), "sdxl": (sdxl_unet, 128, 2048)}  # builder, latent side, text width
-VARIANTS = ("plain", "cfg-full-graph", "cfg-gate-kept", "cfg", "cfg-projection", "split", "split-projection",
-            "separate")
+VARIANTS = ("plain", "cfg-full-graph", "cfg-gate-kept", "cfg-every-row", "cfg", "cfg-every-row-projection",
+            "cfg-projection", "split", "split-projection", "separate")
 PROJECTION = "-projection"
 GATES_KEPT = ("cfg-full-graph", "cfg-gate-kept")
+EVERY_ROW = "-every-row"
+CONDITIONAL_ROW = slice(1, 2)  # of the batch-2 CFG pass
+
+
 class SavedBytes:
     """A pack hook summing the storages autograd saves, each once, parameters excluded."""
 
@@ -107,6 +114,8 @@ def count_step(unet, arch: str, variant: str, latent: int, width: int, by_node: 
     node kind."""
     recompute = "projection" if variant.endswith(PROJECTION) else "gelu"
     variant = variant.removesuffix(PROJECTION)
+    rows = CONDITIONAL_ROW if variant == "cfg" else None  # as ReferenceGuidance.gate_rows
+    variant = variant.removesuffix(EVERY_ROW)
     block, saved = DEFAULT_DIFT_BLOCK[arch], SavedBytes(unet)
     forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)  # one mode per pass
     with forward:
@@ -119,7 +128,7 @@ def count_step(unet, arch: str, variant: str, latent: int, width: int, by_node: 
         sample = inputs.pop("sample").requires_grad_(True)
         gates = [] if variant in GATES_KEPT else gelu_gates(unet)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor), \
-                gelu_gates_recomputed(gates, recompute):
+                gelu_gates_recomputed(gates, recompute, rows):
             if variant == "separate":
                 features = features_only(unet, block, sample, **inputs)
             else:
@@ -160,7 +169,7 @@ def print_counts(arch: str, build, latent: int, width: int, args, guided: int) -
         unet = build().to(torch.float16).eval().requires_grad_(args.weights_require_grad)
     print(f"\n{arch} latent {latent}x{latent}, fp16, DIFT up_blocks[{DEFAULT_DIFT_BLOCK[arch]}]; "
           f"ratios over {args.steps} steps with {guided} guided (every step / every 2nd recomputed)")
-    print(f"{'variant':16s} {'TFLOP/step':>10s} {'x plain':>8s} {'saved GiB':>10s} {'every':>10s} "
+    print(f"{'variant':24s} {'TFLOP/step':>10s} {'x plain':>8s} {'saved GiB':>10s} {'every':>10s} "
           f"{'interval 2':>10s}")
     plain = None
     for variant in VARIANTS:
@@ -168,7 +177,7 @@ def print_counts(arch: str, build, latent: int, width: int, args, guided: int) -
         plain = plain or flops
         every = generation_ratio(flops, plain, args.steps, guided)
         half = generation_ratio(flops, plain, args.steps, (guided + 1) // 2)
-        print(f"{variant:16s} {flops / 1e12:10.3f} {flops / plain:8.2f} {saved / 2**30:10.2f} {every:10.2f} "
+        print(f"{variant:24s} {flops / 1e12:10.3f} {flops / plain:8.2f} {saved / 2**30:10.2f} {every:10.2f} "
               f"{half:10.2f}")
     if args.by_node:
         by_node = Counter()

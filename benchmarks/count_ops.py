@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from omniportrait.benchmark import MODELS, model_pipeline, step_calls
 
-STEPS = ("plain", "plain-ours", "plain+record", "guided-cfg", "guided-cfg-projection", "guided-split",
-         "guided-split-projection", "guided-separate")
+STEPS = ("plain", "plain-ours", "plain+record", "guided-cfg", "guided-cfg-gelu", "guided-split", "guided-split-gelu",
+         "guided-separate")
 
 
 class OperationCount(TorchDispatchMode):

@@ -108,13 +108,13 @@ def test_the_banded_decode_call_matches_the_decode_and_leaves_the_pipeline_as_it
     assert pipe.decode_band_mib is None
 
 
-def test_the_projection_recomputed_steps_give_the_same_guided_noise(astronaut_reference):
+def test_the_gate_recomputed_steps_give_the_same_guided_noise(astronaut_reference):
     from omniportrait.benchmark import step_calls
     from tests.conftest import build
 
     calls = step_calls(build("sdxl"), astronaut_reference, 64, torch.device("cpu"))
     for name in ("guided-cfg", "guided-split"):
-        assert torch.equal(calls[f"{name}-projection"](), calls[name]())
+        assert torch.equal(calls[f"{name}-gelu"](), calls[name]())
 
 
 def test_graph_step_calls_replay_what_the_eager_ones_compute(monkeypatch, astronaut_reference):

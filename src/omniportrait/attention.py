@@ -365,6 +365,17 @@ def is_diffusers_default(processor) -> bool:
     return type(processor) is AttnProcessor2_0
 
 
+def keeps_rows_apart(processor) -> bool:
+    """Whether ``processor`` computes each batch row from that row alone, as ours and diffusers' default do (an
+    adapter's or a user's processor may attend across rows)."""
+    return isinstance(processor, SamplingAttnProcessor) or is_diffusers_default(processor)
+
+
+def attention_modules(unet) -> list:
+    """The UNet's attention layers (the modules that take a processor)."""
+    return [module for module in unet.modules() if hasattr(module, "set_processor")]
+
+
 @contextmanager
 def sampling_attention(unet, projections: ContextProjections | None = None):
     """:class:`SamplingAttnProcessor` on every attention layer that runs diffusers' default processor, for the

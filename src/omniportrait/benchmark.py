@@ -59,13 +59,11 @@ VARIANTS: dict[str, Variant] = {
     "rb-split-interval-2-graph": Variant(RBGuidanceConfig(feature_pass="split", gradient_interval=2, cuda_graph=True)),
     "rb-off-banded": Variant(RBGuidanceConfig(enabled=False), banded_decode=True),
     "rb-split-graph-banded": Variant(RBGuidanceConfig(feature_pass="split", cuda_graph=True), banded_decode=True),
-    "rb-cfg-projection": Variant(RBGuidanceConfig(recompute="projection")),
-    "rb-cfg-graph-projection-banded": Variant(RBGuidanceConfig(recompute="projection", cuda_graph=True),
-                                              banded_decode=True),
-    "rb-split-graph-projection-banded": Variant(RBGuidanceConfig(feature_pass="split", recompute="projection",
-                                                                 cuda_graph=True), banded_decode=True),
+    "rb-cfg-gelu": Variant(RBGuidanceConfig(recompute="gelu")),
+    "rb-cfg-banded": Variant(RBGuidanceConfig(), banded_decode=True),
+    "rb-cfg-graph-banded": Variant(RBGuidanceConfig(cuda_graph=True), banded_decode=True),
 }
-# the feature passes step_calls also times as CUDA graphs, and with the feed-forward's projection recomputed
+# the feature passes step_calls also times as CUDA graphs, and with only the feed-forward's gate recomputed
 GRAPHED_PASSES = ("cfg", "split")
 MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "twin-sd15": ("sd15", 16), "twin-sdxl": ("sdxl", 16),
           "random-sd15": ("sd15", 512), "random-sdxl": ("sdxl", 1024)}
@@ -365,7 +363,8 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
     ``plain`` is diffusers' UNet call; every other step runs as in our generation (:func:`switchable_attention`),
     ``plain-ours`` being our unguided step without recording (guidance off). Each call starts as a sampling step
     does, with no attention recorded yet (by any feature pass's state).
-    ``guided-cfg-projection`` and ``guided-split-projection`` recompute the feed-forward's projection. With
+    ``guided-cfg-gelu`` and ``guided-split-gelu`` recompute only the feed-forward's gate (``--rb-recompute gelu``).
+    With
     ``graphs`` (default: on CUDA), ``plain+record-graph``, ``guided-cfg-graph`` and ``guided-split-graph`` are
     those steps as CUDA graphs.
     """
@@ -381,8 +380,7 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
     side = size // pipe.vae_scale_factor
     latents = torch.randn(1, 4, side, side, device=device, dtype=pipe.unet.dtype)
     configs = {name: RBGuidanceConfig(feature_pass=name) for name in FEATURE_PASSES}
-    configs.update({f"{name}-projection": RBGuidanceConfig(feature_pass=name, recompute="projection")
-                    for name in GRAPHED_PASSES})
+    configs.update({f"{name}-gelu": RBGuidanceConfig(feature_pass=name, recompute="gelu") for name in GRAPHED_PASSES})
     if graphs is None:
         graphs = device.type == "cuda"
     if graphs:  # captured once, replayed on the later calls

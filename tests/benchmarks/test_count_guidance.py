@@ -27,9 +27,13 @@ def test_the_feature_passes_differ_in_what_they_compute_and_keep():
     assert counts["plain"][0] < counts["split"][0] < counts["cfg"][0]
     assert counts["split"][1] == counts["separate"][1]
     # the projection recomputed: more FLOPs (a matmul per block in the backward), less kept
-    for variant in ("cfg", "split"):
+    for variant in ("cfg-every-row", "split"):
         flops, kept = counts[f"{variant}-projection"]
         assert flops > counts[variant][0] and 0 < kept < counts[variant][1]
+    # the gates keeping the conditional row only: less kept; with the projection recomputed, no more FLOPs either
+    assert counts["cfg"][0] == counts["cfg-every-row"][0] and counts["cfg"][1] < counts["cfg-every-row"][1]
+    assert counts["cfg-projection"][0] == counts["cfg"][0]
+    assert counts["cfg-projection"][1] < counts["cfg-every-row-projection"][1] < counts["cfg-every-row"][1]
 
 
 def test_what_is_kept_per_autograd_node_adds_up_to_the_total():

@@ -36,21 +36,21 @@ def test_writes_png_and_sidecar_and_is_reproducible(tmp_path, astronaut_path, ca
 def test_guidance_options_and_banded_decode_reach_the_run_and_the_reproduce_line(tmp_path, astronaut_path):
     out = tmp_path / "a.png"
     assert generate("--reference", astronaut_path, "--prompt", "a woman on the beach", "--out", str(out),
-                    "--rb-feature-pass", "split", "--rb-interval", "2", "--rb-recompute", "projection",
+                    "--rb-feature-pass", "split", "--rb-interval", "2", "--rb-recompute", "gelu",
                     "--banded-decode") == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["rb_guidance"]["feature_pass"] == "split" and meta["rb_guidance"]["gradient_interval"] == 2
-    assert meta["rb_guidance"]["recompute"] == "projection" and meta["parameters"]["banded_decode"] is True
+    assert meta["rb_guidance"]["recompute"] == "gelu" and meta["parameters"]["banded_decode"] is True
     reproduce = " ".join(meta["reproduce"])
     assert "--rb-feature-pass split" in reproduce and "--rb-interval 2" in reproduce
-    assert "--rb-recompute projection" in reproduce and "--banded-decode" in reproduce
+    assert "--rb-recompute gelu" in reproduce and "--banded-decode" in reproduce
     whole = tmp_path / "whole.png"
     assert main([arg for arg in meta["reproduce"][1:-2] if arg != "--banded-decode"] + ["--out", str(whole)]) == 0
     difference = np.abs(np.asarray(Image.open(out), dtype=int) - np.asarray(Image.open(whole), dtype=int))
     assert difference.max() <= 1  # the same image up to rounding
-    gelu = tmp_path / "gelu.png"
-    assert main(meta["reproduce"][1:-2] + ["--rb-recompute", "gelu", "--out", str(gelu)]) == 0
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(gelu)))  # the same gradient
+    projection = tmp_path / "projection.png"
+    assert main(meta["reproduce"][1:-2] + ["--rb-recompute", "projection", "--out", str(projection)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(projection)))  # the same gradient
 
 
 def test_several_images_and_identities(tmp_path, astronaut_path):
@@ -105,12 +105,10 @@ def test_bad_input_one_line_nonzero_no_output(case, tmp_path, astronaut_path, ca
 
 
 @pytest.mark.parametrize("flags, named, not_named", [
-    ([], ["--rb-feature-pass split", "--rb-recompute projection", "--banded-decode"], ["--num-images"]),
-    (["--rb-feature-pass", "split", "--banded-decode", "--num-images", "2"], ["--rb-recompute projection",
-                                                                             "--num-images"],
-     ["--rb-feature-pass", "--banded-decode"]),
-    (["--rb-feature-pass", "split", "--rb-recompute", "projection", "--banded-decode"], ["--width"],
-     ["--rb-", "--banded-decode"]),
+    ([], ["--rb-feature-pass split", "--banded-decode"], ["--num-images", "--rb-recompute"]),
+    (["--rb-feature-pass", "split", "--rb-recompute", "gelu", "--banded-decode", "--num-images", "2"],
+     ["--rb-recompute projection", "--num-images"], ["--rb-feature-pass", "--banded-decode"]),
+    (["--rb-feature-pass", "split", "--banded-decode"], ["--width"], ["--rb-", "--banded-decode"]),
 ])
 def test_out_of_memory_is_one_line_naming_the_options_not_in_use(flags, named, not_named, monkeypatch, tmp_path,
                                                                    astronaut_path, capsys):

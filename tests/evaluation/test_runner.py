@@ -119,13 +119,13 @@ def test_recompute_reaches_the_pipeline_and_keeps_finished_images(monkeypatch, o
 
     seen = []
     recomputed = rb.gelu_gates_recomputed
-    monkeypatch.setattr(rb, "gelu_gates_recomputed", lambda modules, recompute: seen.append(recompute) or
-                        recomputed(modules, recompute))
-    gelu = config_for(one_reference, tmp_path / "out", steps=4)
-    assert run_evaluation(gelu, ProcessInfo()).generated == 1 and set(seen) == {"gelu"}
-    projection = dataclasses.replace(gelu, generation=dataclasses.replace(gelu.generation, recompute="projection"))
-    assert run_evaluation(projection, ProcessInfo()).generated == 0  # the same images: finished ones are reused
-    fresh = dataclasses.replace(projection, output=tmp_path / "fresh")
+    monkeypatch.setattr(rb, "gelu_gates_recomputed", lambda modules, recompute, rows: seen.append(recompute) or
+                        recomputed(modules, recompute, rows))
+    projection = config_for(one_reference, tmp_path / "out", steps=4)
+    assert run_evaluation(projection, ProcessInfo()).generated == 1 and set(seen) == {"projection"}  # the default
+    gelu = dataclasses.replace(projection, generation=dataclasses.replace(projection.generation, recompute="gelu"))
+    assert run_evaluation(gelu, ProcessInfo()).generated == 0  # the same images: finished ones are reused
+    fresh = dataclasses.replace(gelu, output=tmp_path / "fresh")
     assert run_evaluation(fresh, ProcessInfo()).generated == 1 and set(seen) == {"gelu", "projection"}
 
 

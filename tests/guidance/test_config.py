@@ -15,7 +15,7 @@ def test_paper_defaults():
     c = RBGuidanceConfig()
     assert (c.strength, c.start, c.ref_timestep, c.mask_iterations, c.mask_power, c.mask_threshold) == \
         (8.5, 0.6, 671, 3, 2.0, 0.5)
-    assert c.reduction == "sum" and c.feature_pass == "cfg" and c.gradient_interval == 1 and c.recompute == "gelu"
+    assert c.reduction == "sum" and c.feature_pass == "cfg" and c.gradient_interval == 1 and c.recompute == "projection"
 
 
 @pytest.mark.parametrize("kwargs", [dict(reduction="max"), dict(feature_pass="x"), dict(start=1.5),

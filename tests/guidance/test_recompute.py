@@ -1,9 +1,12 @@
 """Less kept for the guided step's backward: the feed-forward gate recomputed (the same gradient), the weights
 frozen while sampling."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers.models.activations import GEGLU
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from benchmarks.count_guidance import SavedBytes
 from omniportrait.guidance import RBGuidanceConfig
@@ -49,6 +52,33 @@ def test_the_gate_keeps_only_the_projection_or_its_input_for_the_backward(recomp
         kept[bool(modules)] = saved.total
     assert kept[True] == kept_values * 4  # gelu: the (4, 32) fp32 projection; projection: the (4, 8) input
     assert kept[False] == 4 * 32 * 4 + 4 * 16 * 4  # autograd: the projection and gelu(b), (4, 16)
+
+
+def row_gradients(module: GEGLU, x: torch.Tensor, recompute: str, rows: slice, gated: bool):
+    """(output, input gradient, bytes kept) of ``module`` for a loss that reads ``rows`` only; ``gated``: through the
+    gate given those rows, else as diffusers runs it."""
+    leaf, saved = x.clone().requires_grad_(True), SavedBytes(module)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
+            gelu_gates_recomputed([module] if gated else [], recompute, rows):
+        out = module(leaf * 1)  # a non-leaf input, as in a UNet
+    (grad,) = torch.autograd.grad((out[rows] * torch.linspace(-1, 1, out.shape[-1])).sum(), leaf)
+    return out, grad, saved.total
+
+
+@pytest.mark.parametrize("recompute, kept_values", [("gelu", 32), ("projection", 8)])
+def test_a_gate_given_rows_keeps_only_them_and_gives_diffusers_gradient(recompute, kept_values):
+    torch.manual_seed(0)
+    module = GEGLU(8, 16).requires_grad_(False)
+    x, rows = torch.randn(4, 5, 8) * 3, slice(2, 4)  # a batch of 4 whose rows 2-3 alone reach the loss
+    out, grad, _ = row_gradients(module, x, recompute, rows, gated=False)
+    lean_out, lean_grad, kept = row_gradients(module, x, recompute, rows, gated=True)
+    assert torch.equal(lean_out, out)
+    if recompute == "gelu":
+        assert torch.equal(lean_grad, grad)
+    else:  # its matrix products run on the two rows only, which may round differently
+        assert torch.allclose(lean_grad, grad, rtol=1e-6, atol=1e-6)
+    assert grad[2:].abs().min() > 0 and lean_grad[:2].abs().max() == 0
+    assert kept == 2 * 5 * kept_values * 4  # the two rows of the (fp32) projection or input
 
 
 def test_the_projection_recomputed_gives_the_weights_their_gradients_too():
@@ -111,6 +141,55 @@ def test_a_guided_step_is_the_same_bit_for_bit_with_the_gates_recomputed(feature
     (noise, gradient), (lean_noise, lean_gradient) = steps
     assert gradient.abs().max() > 0
     assert torch.equal(lean_noise, noise) and torch.equal(lean_gradient, gradient)
+
+
+class RowMixingProcessor(AttnProcessor2_0):
+    """diffusers' processor plus the batch's mean, as adapters that attend across the batch do: a conditional row's
+    output then depends on the unconditional rows."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        out = super().__call__(attn, hidden_states, *args, **kwargs)
+        return out + out.mean(0, keepdim=True)
+
+
+def guided_gradient(pipe, reference, gates: bool = True, rows_forced: bool = False) -> torch.Tensor:
+    guidance, latents, cond = guidance_at_step(pipe, reference, config=RBGuidanceConfig(strength=5000.0))
+    if not gates:
+        guidance.gelu_gates = []
+    if rows_forced:
+        guidance.gate_rows = lambda cond: guidance.cfg_rows
+    return guidance.noise_and_gradient(latents, torch.tensor(400), cond, 7.5)[1]
+
+
+@pytest.mark.parametrize("arch", ["sd15"], indirect=True)  # its mid block is not recorded: the processor stays
+def test_a_batched_cfg_pass_keeps_the_conditional_rows_only_while_no_processor_mixes_rows(tiny_pipe,
+                                                                                          astronaut_reference):
+    guidance, _, cond = guidance_at_step(tiny_pipe, astronaut_reference)
+    assert guidance.gate_rows(cond) == slice(1, 2)  # [unconditional, conditional]
+    assert guidance.gate_rows(replace(cond, do_cfg=False)) is None
+    split, _, _ = guidance_at_step(tiny_pipe, astronaut_reference, config=RBGuidanceConfig(feature_pass="split"))
+    assert split.gate_rows(cond) is None  # its pass with grad is conditional only
+    layer = tiny_pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1")  # gates run before
+    original = layer.processor
+    layer.set_processor(RowMixingProcessor())
+    try:
+        assert guidance.gate_rows(cond) is None
+        native = guided_gradient(tiny_pipe, astronaut_reference, gates=False)
+        assert torch.equal(guided_gradient(tiny_pipe, astronaut_reference), native)
+        forced = guided_gradient(tiny_pipe, astronaut_reference, rows_forced=True)  # what the check prevents
+        assert (forced - native).abs().max() > 1e-4 * native.abs().max() > 0  # measured: 1.5e-3
+    finally:
+        layer.set_processor(original)
+
+
+def test_a_generation_keeps_the_conditional_rows_only(tiny_pipe, astronaut_reference, monkeypatch):
+    from omniportrait.guidance import rb
+
+    seen, recomputed = [], rb.gelu_gates_recomputed
+    monkeypatch.setattr(rb, "gelu_gates_recomputed", lambda modules, recompute, rows: seen.append(rows) or
+                        recomputed(modules, recompute, rows))
+    run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(start=1.0))
+    assert seen == [slice(1, 2)] * 6  # every step guided; the sampling processors keep rows apart
 
 
 def test_weights_are_frozen_for_the_block_and_their_flags_restored():

@@ -22,8 +22,9 @@ COST_FLAGS = {
                             help="decode in bands of rows: the same image up to rounding, with less memory "
                                  "(SDXL at 1024²: 1.6 instead of 3.0 GiB of decoder activations)"),
     "--rb-recompute": dict(choices=RECOMPUTES, default=RBGuidanceConfig().recompute,
-                           help="what the guided step's feed-forwards recompute in the backward: gelu (free), or "
-                                "projection (less memory, SDXL: 2.3 GiB less with cfg, 13%% more FLOPs); same images"),
+                           help="what the guided step's feed-forwards recompute in the backward: projection "
+                                "(default; SDXL cfg: 1.2 GiB less than gelu, same FLOPs; with split or separate 9%% "
+                                "more FLOPs) or gelu; same images"),
     "--rb-cuda-graph": dict(action="store_true",
                             help="capture the sampling steps as CUDA graphs once and replay them (CUDA, DDIM; same "
                                  "images, less host overhead)"),

@@ -16,7 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omniportrait.attention import AttentionStore, attention_layers, record_attention
+from omniportrait.attention import (
+    AttentionStore,
+    attention_layers,
+    attention_modules,
+    keeps_rows_apart,
+    record_attention,
+)
 from omniportrait.errors import ConfigError
 from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK, RBGuidanceConfig
 from omniportrait.guidance.energy import Correspondence, energy, match_features
@@ -110,6 +116,7 @@ class ReferenceGuidance:
         self.references = [self.reference_features(item, min(height, width)) for item in bound]
         self.store = self.attention_store(rows=self.cfg_rows)
         self.gelu_gates = gelu_gates(pipe.unet)
+        self.attention_modules = attention_modules(pipe.unet)
         self.record = StepRecord()
         self.active_steps = 0
         self.last_gradient: torch.Tensor | None = None
@@ -259,15 +266,26 @@ class ReferenceGuidance:
     def compute_noise_and_gradient(self, latents, t, cond, guidance_scale: float, masks=None):
         """One guided step. It starts from an empty attention store and changes only tensors in place across
         steps, so it may be captured as a CUDA graph (whose warm-up and capture run it twice in a row). The
-        feed-forward gates keep less for the backward (:mod:`.recompute`; the same gradient)."""
+        feed-forward gates keep less for the backward (:mod:`.recompute`; the same gradient), in a batched CFG pass
+        only the conditional rows (:meth:`gate_rows`)."""
         self.store.clear()
         latents = latents.detach().requires_grad_(True)
         passes = {"cfg": self.cfg_pass, "split": self.split_pass, "separate": self.separate_pass}
-        with torch.enable_grad(), gelu_gates_recomputed(self.gelu_gates, self.config.recompute):
+        with torch.enable_grad(), gelu_gates_recomputed(self.gelu_gates, self.config.recompute, self.gate_rows(cond)):
             noise, features = passes[self.config.feature_pass](latents, t, cond, guidance_scale)
             masks = self.generated_masks() if masks is None else masks
             gradient = self.energy_gradient(latents, features, masks)
         return noise.detach(), gradient
+
+    def gate_rows(self, cond) -> slice | None:
+        """The rows the feed-forward gates keep for the backward: a batched CFG pass's conditional rows, the only ones
+        the energy reads, while every attention layer keeps rows apart (:func:`keeps_rows_apart`), so that the
+        others get a zero gradient; otherwise every row."""
+        if self.config.feature_pass != "cfg" or not cond.do_cfg:
+            return None
+        if not all(keeps_rows_apart(module.processor) for module in self.attention_modules):
+            return None
+        return self.cfg_rows
 
     def cfg_pass(self, latents, t, cond, guidance_scale: float):
         """The batched CFG pass with grad up to the DIFT block; features from its conditional rows."""

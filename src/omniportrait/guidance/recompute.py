@@ -4,18 +4,28 @@ backward pass, and the weights are frozen while sampling.
 Every transformer block of the SD/SDXL UNets ends in a GEGLU feed-forward, ``a · gelu(b)`` with ``[a, b] = x Wᵀ + c``
 (Shazeer 2020, "GLU Variants Improve Transformer"). With grad on, autograd keeps the projection ``[a, b]`` (for
 ``gelu``'s derivative and the product's) and ``gelu(b)`` besides. Two ways to keep less, each giving the gradient
-autograd gives, bit for bit (``tests/guidance/test_recompute.py``):
+autograd gives (``tests/guidance/test_recompute.py``):
 
 - ``gelu`` (:class:`GeluGate`): keep the projection only and compute ``gelu(b)`` again, with the operations autograd
-  would run. SDXL 1024², ``cfg`` guided step: 7.71 → 6.38 GiB kept; free (one elementwise op per block).
+  would run (one elementwise op per block).
 - ``projection`` (:class:`ProjectedGeluGate`): keep only ``x``, an eighth of the projection's size, and compute the
-  projection again, one more matmul per block: 6.38 → 4.06 GiB kept, 13% more FLOPs per guided step
-  (``benchmarks/count_guidance.py``).
+  projection again in the backward.
+
+In a batched CFG pass the energy reads only the conditional rows, and no layer of the UNet mixes rows, so the
+unconditional rows get a zero gradient. Given those ``rows``, a gate keeps and differentiates only them and gives
+the others zeros. With ``projection``, the recomputed projection and the input's gradient then cover those rows
+only: the two half-batch matrix products cost what ``gelu``'s one over the whole batch does.
+
+Counted on the SDXL UNet at 1024², fp16, one guided ``cfg`` step (``python -m benchmarks.count_guidance``): autograd
+alone keeps 7.71 GiB; ``gelu`` 6.38 GiB over every row, 5.06 over the conditional rows, both 25.7 TFLOP;
+``projection`` 4.06 GiB and 29.1 TFLOP over every row, 3.89 GiB and 25.7 TFLOP over the conditional rows. The gradient
+is bit for bit autograd's, except that the matrix products over fewer rows may round differently.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,51 +45,80 @@ def gelu_gate_backward(projected: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     return torch.cat([grad_hidden, grad_gate], dim=-1)
 
 
+def kept_rows(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """What a gate keeps of ``tensor`` for the backward: all of it, or a copy of its ``rows`` (a view would keep the
+    whole batch's storage alive)."""
+    return tensor if rows is None else tensor[rows].clone()
+
+
+def rows_of(grad: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    return grad if rows is None else grad[rows]
+
+
+def gradient_at_rows(grad: torch.Tensor, rows: slice | None, batch: int) -> torch.Tensor:
+    """The gradient of a batch of ``batch`` rows: ``grad`` at ``rows``, zeros at the others (one padding
+    operation)."""
+    if rows is None:
+        return grad
+    start, stop, step = rows.indices(batch)
+    if step != 1:
+        raise ValueError(f"gate rows must be contiguous, got {rows}")
+    return F.pad(grad, [0, 0] * (grad.dim() - 1) + [start, batch - stop])
+
+
 class GeluGate(torch.autograd.Function):
-    """:func:`gelu_gate`, saving only ``projected`` for the backward."""
+    """:func:`gelu_gate`, saving only ``projected`` (its ``rows``, if given) for the backward."""
 
     @staticmethod
-    def forward(ctx, projected: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(projected)
+    def forward(ctx, projected: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        ctx.rows, ctx.batch = rows, projected.shape[0]
+        ctx.save_for_backward(kept_rows(projected, rows))
         return gelu_gate(projected)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return gelu_gate_backward(*ctx.saved_tensors, grad)
+    def backward(ctx, grad: torch.Tensor):
+        grad_projected = gelu_gate_backward(*ctx.saved_tensors, rows_of(grad, ctx.rows))
+        return gradient_at_rows(grad_projected, ctx.rows, ctx.batch), None
 
 
 class ProjectedGeluGate(torch.autograd.Function):
-    """:func:`gelu_gate` of ``F.linear(x, weight, bias)``, saving only ``x`` (and the parameters) for the backward."""
+    """:func:`gelu_gate` of ``F.linear(x, weight, bias)``, saving only ``x`` (its ``rows``, if given) and the
+    parameters for the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, bias)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: slice | None
+                ) -> torch.Tensor:
+        ctx.rows, ctx.batch = rows, x.shape[0]
+        ctx.save_for_backward(kept_rows(x, rows), weight, bias)
         return gelu_gate(F.linear(x, weight, bias))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, bias = ctx.saved_tensors
-        grad_projected = gelu_gate_backward(F.linear(x, weight, bias), grad)
-        grad_x = grad_projected.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_projected = gelu_gate_backward(F.linear(x, weight, bias), rows_of(grad, ctx.rows))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gradient_at_rows(grad_projected.matmul(weight), ctx.rows, ctx.batch)
         grad_weight = grad_bias = None  # while sampling the weights are frozen (ReferenceGuidance.sampling)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            rows = grad_projected.flatten(0, -2)
-            grad_weight = rows.t().mm(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
-            grad_bias = rows.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
+            flat = grad_projected.flatten(0, -2)
+            grad_weight = flat.t().mm(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
+            grad_bias = flat.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None
 
 
-def gated_forward(module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def gated_forward(module, hidden_states: torch.Tensor, *args, rows: slice | None = None, **kwargs) -> torch.Tensor:
     """diffusers' ``GEGLU.forward`` (CPU/CUDA path) through :class:`GeluGate`."""
-    return GeluGate.apply(module.proj(hidden_states))
+    return GeluGate.apply(module.proj(hidden_states), rows)
 
 
-def projected_forward(module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def projected_forward(module, hidden_states: torch.Tensor, *args, rows: slice | None = None, **kwargs
+                      ) -> torch.Tensor:
     """diffusers' ``GEGLU.forward`` through :class:`ProjectedGeluGate`; through :class:`GeluGate` when a hook runs
     the projection (accelerate's sequential offload places its weights)."""
     if "forward" in vars(module.proj):
-        return gated_forward(module, hidden_states)
-    return ProjectedGeluGate.apply(hidden_states, module.proj.weight, module.proj.bias)
+        return gated_forward(module, hidden_states, rows=rows)
+    return ProjectedGeluGate.apply(hidden_states, module.proj.weight, module.proj.bias, rows)
 
 
 RECOMPUTED_FORWARD = {"gelu": gated_forward, "projection": projected_forward}
@@ -94,12 +133,15 @@ def gelu_gates(unet) -> list:
 
 
 @contextmanager
-def gelu_gates_recomputed(modules: list, recompute: str = "gelu"):
+def gelu_gates_recomputed(modules: list, recompute: str = "gelu", rows: slice | None = None):
     """For the ``with`` block, ``modules`` (from :func:`gelu_gates`) recompute in a backward what ``recompute`` names
-    (``gelu`` or ``projection``, see the module's docstring) instead of keeping it."""
+    (``gelu`` or ``projection``, see the module's docstring) instead of keeping it.
+
+    ``rows``: the batch rows that alone get a gradient (see the module's docstring); the gates keep only those. The
+    caller vouches that every other row's gradient is zero: a wrong ``rows`` gives a wrong gradient."""
     forward = RECOMPUTED_FORWARD[recompute]
     for module in modules:
-        module.forward = forward.__get__(module)
+        module.forward = partial(forward, module, rows=rows)
     try:
         yield
     finally:
