@@ -353,3 +353,40 @@ def test_a_projection_frozen_inside_the_block_is_cached_from_then_on(unet_and_co
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def test_projections_are_called_as_functions_unless_hooked_or_not_a_plain_linear(unet_and_context):
+    from functools import partial
+
+    from omniportrait.attention import layer_calls
+
+    unet, context, extra = unet_and_context
+    plain = run(unet, context, extra)
+    layers = [module for name, module in unet.named_modules() if name.endswith("attn1")]
+    calls = []
+
+    class Counted(torch.nn.Linear):  # as a LoRA or quantised layer: its own forward
+        def forward(self, x):
+            calls.append("subclass")
+            return super().forward(x)
+
+    original = layers[1].to_v
+    counted = Counted(original.in_features, original.out_features, bias=original.bias is not None)
+    counted.load_state_dict(original.state_dict())
+    layers[1].to_v = counted
+    handle = layers[0].to_q.register_forward_hook(lambda *args: calls.append("hook"))
+    try:
+        with sampling_attention(unet) as projections:
+            out = run(unet, context, extra)
+            assert isinstance(projections.layers[id(layers[-1])].to_q, partial)  # F.linear, no module call
+            assert projections.layers[id(layers[0])].to_q is layers[0].to_q
+        assert sorted(calls) == ["hook", "subclass"] and torch.equal(out, plain)
+    finally:
+        handle.remove()
+        layers[1].to_v = original
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert layer_calls(layers[-1]).to_q is layers[-1].to_q  # a hook on every module: every call through it
+    finally:
+        handle.remove()
