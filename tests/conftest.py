@@ -8,6 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -62,3 +63,15 @@ def arch(request):
 @pytest.fixture(scope="session")
 def tiny_pipe(arch):
     return build(arch)
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def unet_and_context(request):
+    """A tiny UNet (each test module its own), a CFG-sized context and SDXL's added conditioning."""
+    tiny = tiny_components(request.param)
+    unet = tiny.components["unet"]
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    extra = None
+    if request.param == "sdxl":
+        extra = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    return unet, context, extra

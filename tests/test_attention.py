@@ -12,18 +12,6 @@ from omniportrait.attention import (
     sampling_attention,
 )
 from omniportrait.guidance.recompute import weights_frozen
-from omniportrait.models.tiny import tiny_components
-
-
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def unet_and_context(request):
-    tiny = tiny_components(request.param)
-    unet = tiny.components["unet"]
-    context = torch.randn(2, 77, unet.config.cross_attention_dim)
-    extra = None
-    if request.param == "sdxl":
-        extra = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-    return unet, context, extra
 
 
 def run(unet, context, extra):

@@ -269,15 +269,19 @@ def output_projection(attn, hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states if drops_nothing(dropout) else dropout(hidden_states)
 
 
-def hooked(module: torch.nn.Module) -> bool:
-    """Whether calling ``module`` does more than its class's ``forward``: a hook of its own or of every module, or a
-    ``forward`` a hook replaced (accelerate's offloading)."""
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``Module.__call__`` does more than call ``module.forward``: a hook of its own or of every module."""
     from torch.nn.modules import module as hooks
 
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in vars(module) or hooks._global_forward_hooks
-                or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-                or hooks._global_backward_pre_hooks)
+                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
+def hooked(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` does more than its class's ``forward``: :func:`has_hooks`, or a ``forward`` a hook
+    replaced (accelerate's offloading)."""
+    return has_hooks(module) or "forward" in vars(module)
 
 
 def linear_call(module: torch.nn.Module):

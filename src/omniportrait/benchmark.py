@@ -15,6 +15,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -25,6 +26,7 @@ from omniportrait.attention import (
     project_key_value,
     sampling_forward,
 )
+from omniportrait.blocks import BlockCalls, plain_blocks, sampling_block_forward
 from omniportrait.errors import ConfigError
 from omniportrait.guidance import RBGuidanceConfig
 
@@ -329,10 +331,19 @@ def switched_forward(attn, *args, **kwargs):
     return forward(attn, *args, **kwargs)
 
 
+def switched_block_forward(block, calls: BlockCalls, switch: dict, *args, **kwargs):
+    """A transformer block's forward under :func:`switchable_attention`: ours (:func:`sampling_block_forward`) while
+    ours are on, diffusers' otherwise."""
+    if switch["ours"]:
+        return sampling_block_forward(block, calls, *args, **kwargs)
+    return type(block).forward(block, *args, **kwargs)
+
+
 def switchable_attention(unet, contexts: list[torch.Tensor]) -> Callable[[Callable], Callable]:
-    """Install :class:`AttentionSwitch` processors on ``unet``; returns ``ours(call)``, which runs ``call`` with our
-    processors (without, a call runs diffusers'). The ``contexts``' keys and values are projected beforehand, as on
-    every step of a generation but its first, so that no step's time or memory counts them."""
+    """Install :class:`AttentionSwitch` processors and :func:`switched_block_forward` on ``unet``; returns
+    ``ours(call)``, which runs ``call`` with our processors and blocks (without, a call runs diffusers'). The
+    ``contexts``' keys and values are projected beforehand, as on every step of a generation but its first, so that
+    no step's time or memory counts them."""
     installed = [p for p in unet.attn_processors.values() if isinstance(p, AttentionSwitch)]
     switch = installed[0].switch if installed else {"ours": False}  # a second call reuses the first's switch
     projections = ContextProjections()
@@ -344,6 +355,8 @@ def switchable_attention(unet, contexts: list[torch.Tensor]) -> Callable[[Callab
             with torch.no_grad():
                 for context in contexts:
                     module.get_processor().projections.key_value(module, context, project_key_value)
+    for block, calls in plain_blocks(unet).items():  # none on a second call: their forward is set
+        block.forward = partial(switched_block_forward, block, calls, switch)
 
     def ours(call: Callable) -> Callable:
         def run():

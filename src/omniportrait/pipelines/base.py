@@ -16,6 +16,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from PIL import Image
 
 from omniportrait.attention import sampling_attention
+from omniportrait.blocks import sampling_blocks
 from omniportrait.errors import ConfigError
 from omniportrait.guidance.config import RBGuidanceConfig
 from omniportrait.models.banded_decode import DEFAULT_BAND_MIB, decode_in_bands
@@ -242,7 +243,8 @@ class OmniPortraitMixin:
             cond.prompt_embeds.dtype, device, generator, latents,
         )
         guidance = self.reference_guidance(rb_guidance, bound, height, width, num_images_per_prompt)
-        with sampling_attention(self.unet), guidance.sampling() if guidance else nullcontext():
+        with sampling_attention(self.unet), sampling_blocks(self.unet), \
+                guidance.sampling() if guidance else nullcontext():
             latents = self.denoise(latents, timesteps, cond, guidance_scale, generator,
                                    guidance.noise if guidance else None)
         if guidance is not None:

@@ -1,0 +1,83 @@
+"""Transformer blocks run without diffusers' per-call overhead while sampling: the same result bit for bit."""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+
+from omniportrait.attention import sampling_attention
+from omniportrait.blocks import plain_blocks, sampling_blocks
+from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed
+from tests.test_attention import run
+
+
+def blocks_of(unet) -> list:
+    return [module for module in unet.modules() if isinstance(module, BasicTransformerBlock)]
+
+
+@torch.no_grad()
+def test_sampling_blocks_match_diffusers_bit_for_bit_and_are_restored(unet_and_context):
+    unet, context, extra = unet_and_context
+    plain = run(unet, context, extra)
+    with sampling_attention(unet), sampling_blocks(unet):
+        assert all("forward" in vars(block) for block in blocks_of(unet))
+        lean = run(unet, context, extra)
+    assert torch.equal(lean, plain)
+    assert not any("forward" in vars(block) for block in blocks_of(unet))
+
+
+def input_gradient(unet, context, extra, lean: bool) -> torch.Tensor:
+    """The gradient a loss on the UNet's output gives the latents, with the feed-forward gates recomputed (as a
+    guided step runs them, their forward set per step)."""
+    torch.manual_seed(0)
+    latents = torch.randn(context.shape[0], 4, 32, 32, requires_grad=True)
+    with sampling_attention(unet), sampling_blocks(unet) if lean else nullcontext(), \
+            gelu_gates_recomputed(gelu_gates(unet), "projection"):
+        out = unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=extra).sample
+    return torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), latents)[0]
+
+
+def test_the_gradient_through_sampling_blocks_is_diffusers_bit_for_bit(unet_and_context):
+    unet, context, extra = unet_and_context
+    unet.requires_grad_(False)
+    try:
+        lean, plain = input_gradient(unet, context, extra, True), input_gradient(unet, context, extra, False)
+    finally:
+        unet.requires_grad_(True)
+    assert plain.abs().max() > 0 and torch.equal(lean, plain)
+
+
+@torch.no_grad()
+def test_hooks_and_cross_attention_keywords_keep_diffusers_calls(unet_and_context):
+    unet, context, extra = unet_and_context
+    plain = run(unet, context, extra)
+    blocks, calls = blocks_of(unet), []
+    handles = [blocks[0].norm1.register_forward_hook(lambda *args: calls.append("norm")),
+               blocks[-1].ff.net[-1].register_forward_hook(lambda *args: calls.append("linear"))]
+    try:
+        with sampling_attention(unet), sampling_blocks(unet):
+            hooked = run(unet, context, extra)
+            torch.manual_seed(0)
+            latents = torch.randn(context.shape[0], 4, 32, 32)
+            with pytest.warns(UserWarning, match="not expected"):  # diffusers' block forward, our attention's warning
+                keyworded = unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=extra,
+                                 cross_attention_kwargs={"unknown": 1.0}).sample
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["norm", "linear"] * 2
+    assert torch.equal(hooked, plain) and torch.equal(keyworded, plain)
+
+
+def test_blocks_of_other_configurations_keep_diffusers_forward(unet_and_context):
+    unet, _, _ = unet_and_context
+    blocks = blocks_of(unet)
+    assert set(plain_blocks(unet)) == set(blocks)  # SD/SDXL's configuration throughout
+    blocks[0].set_chunk_feed_forward(2, 1)  # diffusers' chunked feed-forward
+    blocks[1].forward = blocks[1].forward  # a forward a hook replaced
+    try:
+        assert set(plain_blocks(unet)) == set(blocks[2:])
+    finally:
+        blocks[0].set_chunk_feed_forward(None, 0)
+        del blocks[1].forward
