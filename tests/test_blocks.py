@@ -5,26 +5,28 @@ from contextlib import nullcontext
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
 
 from omniportrait.attention import sampling_attention
-from omniportrait.blocks import plain_blocks, sampling_blocks
+from omniportrait.blocks import lean_forwards, sampling_blocks
 from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed
 from tests.test_attention import run
 
 
-def blocks_of(unet) -> list:
-    return [module for module in unet.modules() if isinstance(module, BasicTransformerBlock)]
+def blocks_of(unet, kind=BasicTransformerBlock) -> list:
+    return [module for module in unet.modules() if isinstance(module, kind)]
 
 
 @torch.no_grad()
 def test_sampling_blocks_match_diffusers_bit_for_bit_and_are_restored(unet_and_context):
     unet, context, extra = unet_and_context
     plain = run(unet, context, extra)
+    lean_modules = blocks_of(unet) + blocks_of(unet, ResnetBlock2D)
     with sampling_attention(unet), sampling_blocks(unet):
-        assert all("forward" in vars(block) for block in blocks_of(unet))
+        assert all("forward" in vars(module) for module in lean_modules)
         lean = run(unet, context, extra)
     assert torch.equal(lean, plain)
-    assert not any("forward" in vars(block) for block in blocks_of(unet))
+    assert not any("forward" in vars(module) for module in lean_modules)
 
 
 def input_gradient(unet, context, extra, lean: bool) -> torch.Tensor:
@@ -54,7 +56,8 @@ def test_hooks_and_cross_attention_keywords_keep_diffusers_calls(unet_and_contex
     plain = run(unet, context, extra)
     blocks, calls = blocks_of(unet), []
     handles = [blocks[0].norm1.register_forward_hook(lambda *args: calls.append("norm")),
-               blocks[-1].ff.net[-1].register_forward_hook(lambda *args: calls.append("linear"))]
+               blocks[-1].ff.net[-1].register_forward_hook(lambda *args: calls.append("linear")),
+               blocks_of(unet, ResnetBlock2D)[0].conv2.register_forward_hook(lambda *args: calls.append("conv"))]
     try:
         with sampling_attention(unet), sampling_blocks(unet):
             hooked = run(unet, context, extra)
@@ -66,18 +69,22 @@ def test_hooks_and_cross_attention_keywords_keep_diffusers_calls(unet_and_contex
     finally:
         for handle in handles:
             handle.remove()
-    assert calls == ["norm", "linear"] * 2
+    assert sorted(calls) == sorted(["norm", "linear", "conv"] * 2)
     assert torch.equal(hooked, plain) and torch.equal(keyworded, plain)
 
 
 def test_blocks_of_other_configurations_keep_diffusers_forward(unet_and_context):
     unet, _, _ = unet_and_context
-    blocks = blocks_of(unet)
-    assert set(plain_blocks(unet)) == set(blocks)  # SD/SDXL's configuration throughout
+    blocks, resnets = blocks_of(unet), blocks_of(unet, ResnetBlock2D)
+    assert set(lean_forwards(unet)) == set(blocks) | set(resnets)  # SD/SDXL's configuration throughout
     blocks[0].set_chunk_feed_forward(2, 1)  # diffusers' chunked feed-forward
     blocks[1].forward = blocks[1].forward  # a forward a hook replaced
+    resnets[0].time_embedding_norm = "scale_shift"
+    resnets[1].dropout.p = 0.1  # in training mode, it drops
     try:
-        assert set(plain_blocks(unet)) == set(blocks[2:])
+        assert set(lean_forwards(unet)) == set(blocks[2:]) | set(resnets[2:])
     finally:
         blocks[0].set_chunk_feed_forward(None, 0)
         del blocks[1].forward
+        resnets[0].time_embedding_norm = "default"
+        resnets[1].dropout.p = 0.0

@@ -26,7 +26,7 @@ from omniportrait.attention import (
     project_key_value,
     sampling_forward,
 )
-from omniportrait.blocks import BlockCalls, plain_blocks, sampling_block_forward
+from omniportrait.blocks import lean_forwards
 from omniportrait.errors import ConfigError
 from omniportrait.guidance import RBGuidanceConfig
 
@@ -331,12 +331,12 @@ def switched_forward(attn, *args, **kwargs):
     return forward(attn, *args, **kwargs)
 
 
-def switched_block_forward(block, calls: BlockCalls, switch: dict, *args, **kwargs):
-    """A transformer block's forward under :func:`switchable_attention`: ours (:func:`sampling_block_forward`) while
-    ours are on, diffusers' otherwise."""
+def switched_block_forward(module, lean: Callable, switch: dict, *args, **kwargs):
+    """A transformer block's or resnet's forward under :func:`switchable_attention`: ``lean``
+    (:func:`~omniportrait.blocks.lean_forward`) while ours are on, diffusers' otherwise."""
     if switch["ours"]:
-        return sampling_block_forward(block, calls, *args, **kwargs)
-    return type(block).forward(block, *args, **kwargs)
+        return lean(*args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
 
 
 def switchable_attention(unet, contexts: list[torch.Tensor]) -> Callable[[Callable], Callable]:
@@ -355,8 +355,8 @@ def switchable_attention(unet, contexts: list[torch.Tensor]) -> Callable[[Callab
             with torch.no_grad():
                 for context in contexts:
                     module.get_processor().projections.key_value(module, context, project_key_value)
-    for block, calls in plain_blocks(unet).items():  # none on a second call: their forward is set
-        block.forward = partial(switched_block_forward, block, calls, switch)
+    for module, lean in lean_forwards(unet).items():  # none on a second call: their forward is set
+        module.forward = partial(switched_block_forward, module, lean, switch)
 
     def ours(call: Callable) -> Callable:
         def run():

@@ -1,13 +1,15 @@
-"""SD/SDXL transformer blocks called without diffusers' per-call overhead while sampling.
+"""SD/SDXL transformer blocks and resnets called without diffusers' per-call overhead while sampling.
 
-diffusers' ``BasicTransformerBlock.forward`` serves every configuration it supports (ada norms, GLIGEN, positional
-embeddings, chunked feed-forward), and each of its ten sub-layer calls goes through ``Module.__call__``'s hook
-checks (a few µs each on a CPU that issues a GPU's kernels; SD1.5 has 16 such blocks, SDXL 70). For the
-configuration SD1.5 and SDXL use (layer norms, self- and cross-attention, a feed-forward, nothing else),
-:func:`sampling_block_forward` runs the same operations in the same order: layer norms as ``F.layer_norm``, the
-attention layers' and the feed-forward's own ``forward``, linear layers as ``F.linear``, a dropout that drops
-nothing not at all. The result is the same bit for bit (``tests/test_blocks.py``). Any other block, a sub-layer with
-a hook, or a call with ``cross_attention_kwargs`` runs diffusers' forward.
+diffusers' ``BasicTransformerBlock.forward`` and ``ResnetBlock2D.forward`` serve every configuration they support
+(ada norms, GLIGEN, positional embeddings, chunked feed-forward; resampling resnets, scale-shift time embeddings),
+and each of their sub-layer calls goes through ``Module.__call__``'s hook checks (a few µs each on a CPU that issues
+a GPU's kernels; SDXL has 70 transformer blocks with ten sub-layers each and 17 resnets with nine). For the
+configuration SD1.5 and SDXL use, :func:`sampling_block_forward` and :func:`sampling_resnet_forward` run the same
+operations in the same order: linear, convolution, norm and SiLU layers as their ``torch.nn.functional`` call, the
+attention layers' and the feed-forward's own ``forward``, a dropout that drops nothing not at all, a division by an
+output scale factor of 1 neither. The result is the same bit for bit (``tests/test_blocks.py``). Any other module, a
+sub-layer with a hook, or a call with ``cross_attention_kwargs`` or the deprecated ``scale`` runs diffusers'
+forward.
 """
 
 from __future__ import annotations
@@ -31,20 +33,37 @@ def forward_call(module: torch.nn.Module) -> Callable:
     return lambda *args, **kwargs: module.forward(*args, **kwargs)
 
 
-def layer_norm_call(module: torch.nn.Module) -> Callable:
-    """``F.layer_norm`` with ``module``'s parameters for an ``nn.LayerNorm`` without hooks (what its forward runs);
-    else the module."""
-    if type(module) is not torch.nn.LayerNorm or hooked(module):
-        return module
-    return partial(F.layer_norm, normalized_shape=module.normalized_shape, weight=module.weight, bias=module.bias,
-                   eps=module.eps)
+def functional_call(module: torch.nn.Module) -> Callable | None:
+    """The ``torch.nn.functional`` call that a plain (exactly typed, unhooked) linear, convolution, norm or SiLU
+    layer's ``forward`` runs, with its parameters; None for any other module."""
+    if hooked(module):
+        return None
+    kind = type(module)
+    if kind is torch.nn.Linear:
+        return linear_call(module)
+    if kind is torch.nn.LayerNorm:
+        return partial(F.layer_norm, normalized_shape=module.normalized_shape, weight=module.weight,
+                       bias=module.bias, eps=module.eps)
+    if kind is torch.nn.GroupNorm:
+        return partial(F.group_norm, num_groups=module.num_groups, weight=module.weight, bias=module.bias,
+                       eps=module.eps)
+    if kind is torch.nn.Conv2d and module.padding_mode == "zeros":
+        return partial(F.conv2d, weight=module.weight, bias=module.bias, stride=module.stride,
+                       padding=module.padding, dilation=module.dilation, groups=module.groups)
+    if kind is torch.nn.SiLU and not module.inplace:
+        return F.silu
+    return None
+
+
+def direct_call(module: torch.nn.Module) -> Callable:
+    """A callable equal to ``module(x)``: :func:`functional_call` where there is one, else :func:`forward_call`."""
+    return functional_call(module) or forward_call(module)
 
 
 def sequence_call(modules) -> Callable:
-    """diffusers' ``FeedForward.forward``: its layers in turn, linear layers as ``F.linear``, dropouts that drop
-    nothing left out."""
-    calls = [linear_call(module) if type(module) is torch.nn.Linear else forward_call(module)
-             for module in modules if not drops_nothing(module)]
+    """diffusers' ``FeedForward.forward``: its layers in turn (:func:`direct_call`), dropouts that drop nothing left
+    out."""
+    calls = [direct_call(module) for module in modules if not drops_nothing(module)]
 
     def run(hidden_states: torch.Tensor) -> torch.Tensor:
         for call in calls:
@@ -75,9 +94,9 @@ def block_calls(block) -> BlockCalls | None:
     if not plain:
         return None
     cross = block.attn2 is not None
-    return BlockCalls(layer_norm_call(block.norm1), forward_call(block.attn1),
-                      layer_norm_call(block.norm2) if cross else None, forward_call(block.attn2) if cross else None,
-                      layer_norm_call(block.norm3), sequence_call(block.ff.net))
+    return BlockCalls(direct_call(block.norm1), forward_call(block.attn1),
+                      direct_call(block.norm2) if cross else None, forward_call(block.attn2) if cross else None,
+                      direct_call(block.norm3), sequence_call(block.ff.net))
 
 
 def sampling_block_forward(block, calls: BlockCalls, hidden_states, attention_mask=None, encoder_hidden_states=None,
@@ -102,25 +121,84 @@ def sampling_block_forward(block, calls: BlockCalls, hidden_states, attention_ma
     return hidden_states
 
 
-def plain_blocks(unet) -> dict:
-    """The UNet's blocks :func:`sampling_block_forward` can run, with their :class:`BlockCalls`."""
-    blocks = {}
+@dataclass(frozen=True)
+class ResnetCalls:
+    """A resnet's sub-layers as :func:`sampling_resnet_forward` calls them."""
+
+    norm1: Callable
+    conv1: Callable
+    time_emb_proj: Callable
+    norm2: Callable
+    conv2: Callable
+    conv_shortcut: Callable | None
+    nonlinearity: Callable
+    output_scale_factor: float
+
+
+def resnet_calls(resnet) -> ResnetCalls | None:
+    """:class:`ResnetCalls` of a ``ResnetBlock2D`` in SD/SDXL's configuration (no resampling inside, the time
+    embedding added before the second norm, a dropout that drops nothing), else None."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    plain = (type(resnet) is ResnetBlock2D and not hooked(resnet)
+             and resnet.upsample is None and resnet.downsample is None and resnet.time_emb_proj is not None
+             and not resnet.skip_time_act and resnet.time_embedding_norm == "default"
+             and drops_nothing(resnet.dropout))
+    if not plain:
+        return None
+    shortcut = None if resnet.conv_shortcut is None else direct_call(resnet.conv_shortcut)
+    return ResnetCalls(direct_call(resnet.norm1), direct_call(resnet.conv1), direct_call(resnet.time_emb_proj),
+                       direct_call(resnet.norm2), direct_call(resnet.conv2), shortcut,
+                       direct_call(resnet.nonlinearity), resnet.output_scale_factor)
+
+
+def sampling_resnet_forward(resnet, calls: ResnetCalls, input_tensor, temb, *args, **kwargs):
+    """``ResnetBlock2D.forward`` for a resnet :func:`resnet_calls` accepts; a division by an output scale factor of 1,
+    which changes no value, is left out."""
+    if args or kwargs or temb is None:  # the deprecated scale, or no time embedding: diffusers' own path
+        return type(resnet).forward(resnet, input_tensor, temb, *args, **kwargs)
+    hidden_states = calls.conv1(calls.nonlinearity(calls.norm1(input_tensor)))
+    hidden_states = hidden_states + calls.time_emb_proj(calls.nonlinearity(temb))[:, :, None, None]
+    hidden_states = calls.conv2(calls.nonlinearity(calls.norm2(hidden_states)))
+    if calls.conv_shortcut is not None:
+        if resnet.training:  # as diffusers does, for DDP's gradient strides
+            input_tensor = input_tensor.contiguous()
+        input_tensor = calls.conv_shortcut(input_tensor)
+    output = input_tensor + hidden_states
+    return output if calls.output_scale_factor == 1.0 else output / calls.output_scale_factor
+
+
+def lean_forward(module) -> Callable | None:
+    """The forward :func:`sampling_blocks` gives ``module``: :func:`sampling_block_forward` or
+    :func:`sampling_resnet_forward` with its calls; None where diffusers' stays."""
+    calls = block_calls(module)
+    if calls is not None:
+        return partial(sampling_block_forward, module, calls)
+    calls = resnet_calls(module)
+    if calls is not None:
+        return partial(sampling_resnet_forward, module, calls)
+    return None
+
+
+def lean_forwards(unet) -> dict:
+    """The UNet's transformer blocks and resnets :func:`sampling_blocks` runs, with their forwards."""
+    forwards = {}
     for module in unet.modules():
-        calls = block_calls(module)
-        if calls is not None:
-            blocks[module] = calls
-    return blocks
+        forward = lean_forward(module)
+        if forward is not None:
+            forwards[module] = forward
+    return forwards
 
 
 @contextmanager
 def sampling_blocks(unet):
-    """For the ``with`` block, the UNet's plain transformer blocks run :func:`sampling_block_forward`; always
-    restore."""
-    blocks = plain_blocks(unet)
-    for block, calls in blocks.items():
-        block.forward = partial(sampling_block_forward, block, calls)
+    """For the ``with`` block, the UNet's transformer blocks and resnets in SD/SDXL's configuration run their lean
+    forward (:func:`lean_forward`); always restore."""
+    forwards = lean_forwards(unet)
+    for module, forward in forwards.items():
+        module.forward = forward
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward
+        for module in forwards:
+            del module.forward
