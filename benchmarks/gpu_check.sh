@@ -28,6 +28,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee
     --steps "${STEPS:-50}" --repeats "${REPEATS:-1}" --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
 grep -iE "warn|error" "$OUT/bench.err" | sort | uniq -c | head -5  # e.g. a CUDA graph that could not be captured
 "$PYTHON" benchmarks/gpu_table.py "$OUT/bench.json" > "$OUT/bench-table.md"  # for benchmarks/README.md
+sed -n '/^Targets/,$p' "$OUT/bench-table.md"  # the variants within the targets
 for model in ${PROFILE:-random-sdxl random-sd15}; do
     [ "$model" = none ] && break
     "$PYTHON" benchmarks/profile_step.py --model "$model" > "$OUT/profile-$model.txt" 2>&1

@@ -1,4 +1,5 @@
-"""The markdown table of a ``bench --json`` report, the models side by side, as ``benchmarks/README.md`` shows them.
+"""The markdown table of a ``bench --json`` report, the models side by side, as ``benchmarks/README.md`` shows them,
+then each model's variants against the benchmark's targets.
 
     python benchmarks/gpu_table.py $OUT/bench.json
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+OFF_RATIO = 1.03  # guidance off, × diffusers' plain pipeline
+FULL_RATIO, FULL_PEAK_GIB = 1.6, 12.0  # the full method on SDXL at 1024², every component loaded
 
 
 def number(value: float | None, digits: int) -> str:
@@ -39,11 +43,30 @@ def markdown_table(report: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def target_lines(report: list[dict]) -> list[str]:
+    """Per model, the guidance-off variants within ``OFF_RATIO`` and the full-method variants within both
+    ``FULL_RATIO`` and ``FULL_PEAK_GIB`` (a variant without a measured peak cannot meet the latter)."""
+    lines = [f"\nTargets: guidance off ≤ {OFF_RATIO}×; full method ≤ {FULL_RATIO}× and ≤ {FULL_PEAK_GIB:g} GiB peak "
+             "(set for SDXL at 1024², every component loaded)."]
+    for entry in report:
+        rows = [row for row in entry["rows"] if row["variant"].startswith("rb-")]
+        off = [row for row in rows if row["variant"].startswith("rb-off")]
+        full = [row for row in rows if not row["variant"].startswith("rb-off")]
+        met_off = [f"`{row['variant']}` {row['ratio']:.2f}×" for row in off if row["ratio"] <= OFF_RATIO]
+        met_full = [f"`{row['variant']}` {row['ratio']:.2f}×, {row['peak_gib']:.2f} GiB" for row in full
+                    if row["ratio"] <= FULL_RATIO and row["peak_gib"] is not None
+                    and row["peak_gib"] <= FULL_PEAK_GIB]
+        lines.append(f"- {entry['model']} {entry['size']}²: guidance off within: {', '.join(met_off) or 'none'}; "
+                     f"full method within both: {', '.join(met_full) or 'none'}")
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path, help="the JSON that `omniportrait bench --json` wrote")
     args = parser.parse_args(argv)
-    print(markdown_table(json.loads(args.report.read_text())))
+    report = json.loads(args.report.read_text())
+    print("\n".join([markdown_table(report), *target_lines(report)]))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks.gpu_table import main, markdown_table
+from benchmarks.gpu_table import main, markdown_table, target_lines
 from omniportrait.cli import main as cli
 
 
@@ -25,6 +25,17 @@ def test_models_side_by_side_and_a_missing_variant_is_a_dash():
     assert lines[2] == "| `diffusers-plain` | 3.206 | 1.00 | 12.15 | 7.60 | 1.362 | 1.00 | 3.24 | 2.80 |"
     assert lines[3] == "| `rb-cfg` | 6.717 | 2.10 | 15.41 | 15.40 | — | — | — | — |"
     assert lines[-1] == "NVIDIA H100, float16, 50 steps of which 30 guided"
+
+
+def test_the_variants_within_the_targets_are_named():
+    sdxl = [row("diffusers-plain", 3.2, 1.0, 12.15), row("rb-off", 3.2, 1.02, 12.15), row("rb-off-banded", 3.4, 1.06),
+            row("rb-cfg", 5.0, 1.56, 13.9), row("rb-cfg-banded", 5.1, 1.59, 11.6), row("rb-split", 6.0, 1.9, 10.0),
+            row("rb-cfg-graph", 4.0, 1.25)]
+    lines = target_lines([entry("random-sdxl", 1024, sdxl)])
+    assert lines[-1] == ("- random-sdxl 1024²: guidance off within: `rb-off` 1.02×; full method within both: "
+                         "`rb-cfg-banded` 1.59×, 11.60 GiB")
+    tiny = target_lines([entry("tiny-sd15", 64, [row("rb-cfg", 1.0, 2.0)])])
+    assert tiny[-1].endswith("full method within both: none")
 
 
 def test_reads_what_the_bench_writes(tmp_path, astronaut_path, capsys):
