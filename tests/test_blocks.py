@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from omniportrait.attention import sampling_attention
 from omniportrait.blocks import lean_forwards, sampling_blocks
@@ -21,7 +22,7 @@ def blocks_of(unet, kind=BasicTransformerBlock) -> list:
 def test_sampling_blocks_match_diffusers_bit_for_bit_and_are_restored(unet_and_context):
     unet, context, extra = unet_and_context
     plain = run(unet, context, extra)
-    lean_modules = blocks_of(unet) + blocks_of(unet, ResnetBlock2D)
+    lean_modules = blocks_of(unet) + blocks_of(unet, ResnetBlock2D) + blocks_of(unet, Transformer2DModel)
     with sampling_attention(unet), sampling_blocks(unet):
         assert all("forward" in vars(module) for module in lean_modules)
         lean = run(unet, context, extra)
@@ -40,11 +41,18 @@ def input_gradient(unet, context, extra, lean: bool) -> torch.Tensor:
     return torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), latents)[0]
 
 
-def test_the_gradient_through_sampling_blocks_is_diffusers_bit_for_bit(unet_and_context):
+def test_the_gradient_through_sampling_blocks_is_diffusers_bit_for_bit(unet_and_context, monkeypatch):
+    from omniportrait.guidance import recompute
+
     unet, context, extra = unet_and_context
+    gated, projected = [], recompute.projected_forward
+    monkeypatch.setitem(recompute.RECOMPUTED_FORWARD, "projection",
+                        lambda *args, **kwargs: gated.append(1) or projected(*args, **kwargs))
     unet.requires_grad_(False)
     try:
-        lean, plain = input_gradient(unet, context, extra, True), input_gradient(unet, context, extra, False)
+        lean = input_gradient(unet, context, extra, True)
+        assert len(gated) == len(gelu_gates(unet))  # the lean blocks call the gates the guided step sets
+        plain = input_gradient(unet, context, extra, False)
     finally:
         unet.requires_grad_(True)
     assert plain.abs().max() > 0 and torch.equal(lean, plain)
@@ -75,16 +83,39 @@ def test_hooks_and_cross_attention_keywords_keep_diffusers_calls(unet_and_contex
 
 def test_blocks_of_other_configurations_keep_diffusers_forward(unet_and_context):
     unet, _, _ = unet_and_context
-    blocks, resnets = blocks_of(unet), blocks_of(unet, ResnetBlock2D)
-    assert set(lean_forwards(unet)) == set(blocks) | set(resnets)  # SD/SDXL's configuration throughout
+    blocks, resnets, transformers = blocks_of(unet), blocks_of(unet, ResnetBlock2D), blocks_of(unet, Transformer2DModel)
+    assert set(lean_forwards(unet)) == set(blocks) | set(resnets) | set(transformers)  # SD/SDXL's throughout
     blocks[0].set_chunk_feed_forward(2, 1)  # diffusers' chunked feed-forward
     blocks[1].forward = blocks[1].forward  # a forward a hook replaced
     resnets[0].time_embedding_norm = "scale_shift"
     resnets[1].dropout.p = 0.1  # in training mode, it drops
     try:
-        assert set(lean_forwards(unet)) == set(blocks[2:]) | set(resnets[2:])
+        assert set(lean_forwards(unet)) == set(blocks[2:]) | set(resnets[2:]) | set(transformers)
     finally:
         blocks[0].set_chunk_feed_forward(None, 0)
         del blocks[1].forward
         resnets[0].time_embedding_norm = "default"
         resnets[1].dropout.p = 0.0
+
+
+def test_checkpointed_transformers_under_grad_keep_diffusers_forward(unet_and_context):
+    unet, context, extra = unet_and_context
+    transformers, calls = blocks_of(unet, Transformer2DModel), []
+    original = Transformer2DModel.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(self, *args, **kwargs)
+
+    Transformer2DModel.forward = counted
+    try:
+        with sampling_attention(unet), sampling_blocks(unet):
+            with torch.no_grad():
+                run(unet, context, extra)
+            assert calls == []  # the lean forwards
+            unet.enable_gradient_checkpointing()
+            run(unet, context, extra)  # with grad: diffusers' forwards checkpoint their blocks
+    finally:
+        Transformer2DModel.forward = original
+        unet.disable_gradient_checkpointing()
+    assert calls == [True] * len(transformers)

@@ -1,15 +1,16 @@
-"""SD/SDXL transformer blocks and resnets called without diffusers' per-call overhead while sampling.
+"""SD/SDXL transformer blocks, resnets and transformers called without diffusers' per-call overhead while sampling.
 
-diffusers' ``BasicTransformerBlock.forward`` and ``ResnetBlock2D.forward`` serve every configuration they support
-(ada norms, GLIGEN, positional embeddings, chunked feed-forward; resampling resnets, scale-shift time embeddings),
-and each of their sub-layer calls goes through ``Module.__call__``'s hook checks (a few µs each on a CPU that issues
-a GPU's kernels; SDXL has 70 transformer blocks with ten sub-layers each and 17 resnets with nine). For the
-configuration SD1.5 and SDXL use, :func:`sampling_block_forward` and :func:`sampling_resnet_forward` run the same
-operations in the same order: linear, convolution, norm and SiLU layers as their ``torch.nn.functional`` call, the
-attention layers' and the feed-forward's own ``forward``, a dropout that drops nothing not at all, a division by an
-output scale factor of 1 neither. The result is the same bit for bit (``tests/test_blocks.py``). Any other module, a
-sub-layer with a hook, or a call with ``cross_attention_kwargs`` or the deprecated ``scale`` runs diffusers'
-forward.
+diffusers' ``BasicTransformerBlock``, ``ResnetBlock2D`` and ``Transformer2DModel`` forwards serve every configuration
+they support (ada norms, GLIGEN, positional embeddings, chunked feed-forward; resampling resnets, scale-shift time
+embeddings; patched and vectorised inputs), and each of their sub-layer calls goes through ``Module.__call__``'s hook
+checks (a few µs each on a CPU that issues a GPU's kernels; SDXL has 70 transformer blocks with ten sub-layers each,
+17 resnets with nine, 11 transformers). For the configuration SD1.5 and SDXL use, :func:`sampling_block_forward`,
+:func:`sampling_resnet_forward` and :func:`sampling_transformer_forward` run the same operations in the same
+order: linear, convolution, norm and SiLU layers as their ``torch.nn.functional`` call, the feed-forward gates'
+projections likewise, the attention layers' own ``forward``, a dropout that drops nothing not at all, a division by
+an output scale factor of 1 neither. The result is the same bit for bit (``tests/test_blocks.py``). Any other
+module, a sub-layer with a hook, or a call with masks, ``cross_attention_kwargs``, the deprecated ``scale`` or
+gradient checkpointing under grad runs diffusers' forward.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from omniportrait.attention import drops_nothing, has_hooks, hooked, linear_call
+from omniportrait.guidance.recompute import gelu_gate
 
 
 def forward_call(module: torch.nn.Module) -> Callable:
@@ -55,9 +57,31 @@ def functional_call(module: torch.nn.Module) -> Callable | None:
     return None
 
 
+def gate_call(gate) -> Callable | None:
+    """diffusers' ``GEGLU`` on a CPU or a CUDA device, its projection as ``F.linear``; while a guided step has set
+    the gate's own forward (:func:`~omniportrait.guidance.recompute.gelu_gates_recomputed`), that forward; on other
+    devices (MPS upcasts the GELU), diffusers' forward. None for another module or when NPU kernels are present."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.utils import is_torch_npu_available
+
+    if type(gate) is not GEGLU or has_hooks(gate) or "forward" in vars(gate) or is_torch_npu_available():
+        return None
+    project = linear_call(gate.proj)
+
+    def run(hidden_states: torch.Tensor) -> torch.Tensor:
+        forward = gate.__dict__.get("forward")
+        if forward is not None:
+            return forward(hidden_states)
+        if hidden_states.device.type not in ("cpu", "cuda"):
+            return gate.forward(hidden_states)
+        return gelu_gate(project(hidden_states))
+    return run
+
+
 def direct_call(module: torch.nn.Module) -> Callable:
-    """A callable equal to ``module(x)``: :func:`functional_call` where there is one, else :func:`forward_call`."""
-    return functional_call(module) or forward_call(module)
+    """A callable equal to ``module(x)``: :func:`functional_call` or :func:`gate_call` where there is one, else
+    :func:`forward_call`."""
+    return functional_call(module) or gate_call(module) or forward_call(module)
 
 
 def sequence_call(modules) -> Callable:
@@ -168,15 +192,78 @@ def sampling_resnet_forward(resnet, calls: ResnetCalls, input_tensor, temb, *arg
     return output if calls.output_scale_factor == 1.0 else output / calls.output_scale_factor
 
 
+@dataclass(frozen=True)
+class TransformerCalls:
+    """A ``Transformer2DModel``'s sub-layers as :func:`sampling_transformer_forward` calls them."""
+
+    norm: Callable
+    proj_in: Callable
+    blocks: tuple[Callable, ...]
+    proj_out: Callable
+    linear_projection: bool
+
+
+def transformer_calls(model) -> TransformerCalls | None:
+    """:class:`TransformerCalls` of a ``Transformer2DModel`` on continuous inputs (SD/SDXL's), else None."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    if type(model) is not Transformer2DModel or hooked(model) or not model.is_input_continuous:
+        return None
+    return TransformerCalls(direct_call(model.norm), direct_call(model.proj_in),
+                            tuple(forward_call(block) for block in model.transformer_blocks),
+                            direct_call(model.proj_out), model.use_linear_projection)
+
+
+def sampling_transformer_forward(model, calls: TransformerCalls, hidden_states, encoder_hidden_states=None,
+                                 timestep=None, added_cond_kwargs=None, class_labels=None,
+                                 cross_attention_kwargs=None, attention_mask=None, encoder_attention_mask=None,
+                                 return_dict=True):
+    """``Transformer2DModel.forward`` on continuous inputs without masks: normalise, project in, the blocks,
+    project out, add the input."""
+    if (cross_attention_kwargs or attention_mask is not None or encoder_attention_mask is not None
+            or (torch.is_grad_enabled() and model.gradient_checkpointing)):
+        return type(model).forward(model, hidden_states, encoder_hidden_states, timestep, added_cond_kwargs,
+                                   class_labels, cross_attention_kwargs, attention_mask, encoder_attention_mask,
+                                   return_dict)
+    batch, _, height, width = hidden_states.shape
+    residual = hidden_states
+    hidden_states = calls.norm(hidden_states)
+    if calls.linear_projection:
+        inner_dim = hidden_states.shape[1]
+        hidden_states = calls.proj_in(hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, inner_dim))
+    else:
+        hidden_states = calls.proj_in(hidden_states)
+        inner_dim = hidden_states.shape[1]
+        hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, inner_dim)
+    for block in calls.blocks:
+        hidden_states = block(hidden_states, attention_mask=None, encoder_hidden_states=encoder_hidden_states,
+                              encoder_attention_mask=None, timestep=timestep, cross_attention_kwargs=None,
+                              class_labels=class_labels)
+    if calls.linear_projection:
+        hidden_states = calls.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(batch, height, width, inner_dim).permute(0, 3, 1, 2).contiguous()
+    else:
+        hidden_states = hidden_states.reshape(batch, height, width, inner_dim).permute(0, 3, 1, 2).contiguous()
+        hidden_states = calls.proj_out(hidden_states)
+    output = hidden_states + residual
+    if not return_dict:
+        return (output,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=output)
+
+
+LEAN_FORWARDS = ((block_calls, sampling_block_forward), (resnet_calls, sampling_resnet_forward),
+                 (transformer_calls, sampling_transformer_forward))
+
+
 def lean_forward(module) -> Callable | None:
-    """The forward :func:`sampling_blocks` gives ``module``: :func:`sampling_block_forward` or
-    :func:`sampling_resnet_forward` with its calls; None where diffusers' stays."""
-    calls = block_calls(module)
-    if calls is not None:
-        return partial(sampling_block_forward, module, calls)
-    calls = resnet_calls(module)
-    if calls is not None:
-        return partial(sampling_resnet_forward, module, calls)
+    """The forward :func:`sampling_blocks` gives ``module`` (:data:`LEAN_FORWARDS`: a transformer block, a resnet or
+    a ``Transformer2DModel``), with its calls; None where diffusers' stays."""
+    for calls_of, forward in LEAN_FORWARDS:
+        calls = calls_of(module)
+        if calls is not None:
+            return partial(forward, module, calls)
     return None
 
 
