@@ -23,6 +23,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as every_module  # its hooks on every module's call
 
 CROSS, SELF = "attn2", "attn1"
 SDPA_VALUE_ALIGNMENT = 8  # CUDA's fused SDPA kernels want a value width that is a multiple of 8
@@ -271,11 +272,10 @@ def output_projection(attn, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def has_hooks(module: torch.nn.Module) -> bool:
     """Whether ``Module.__call__`` does more than call ``module.forward``: a hook of its own or of every module."""
-    from torch.nn.modules import module as hooks
-
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+                or module._backward_pre_hooks or every_module._global_forward_hooks
+                or every_module._global_forward_pre_hooks or every_module._global_backward_hooks
+                or every_module._global_backward_pre_hooks)
 
 
 def hooked(module: torch.nn.Module) -> bool:
@@ -297,7 +297,6 @@ def linear_call(module: torch.nn.Module):
 class LayerCalls:
     """An attention layer's projections as :func:`linear_call` gives them, looked up once per generation."""
 
-    layer: torch.nn.Module
     to_q: Callable
     to_k: Callable
     to_v: Callable
@@ -308,7 +307,7 @@ def layer_calls(attn) -> LayerCalls:
     """:class:`LayerCalls` of ``attn``; the output projection's dropout is left out where it drops nothing."""
     projection, dropout = attn.to_out
     to_out = linear_call(projection) if drops_nothing(dropout) else partial(output_projection, attn)
-    return LayerCalls(attn, linear_call(attn.to_q), linear_call(attn.to_k), linear_call(attn.to_v), to_out)
+    return LayerCalls(linear_call(attn.to_q), linear_call(attn.to_k), linear_call(attn.to_v), to_out)
 
 
 class SamplingAttnProcessor:
@@ -333,7 +332,7 @@ class SamplingAttnProcessor:
         """The layer's projections: looked up once per generation when a :class:`ContextProjections` is given (whose
         life is one generation), else the modules themselves."""
         if self.projections is None:
-            return LayerCalls(attn, attn.to_q, attn.to_k, attn.to_v, partial(output_projection, attn))
+            return LayerCalls(attn.to_q, attn.to_k, attn.to_v, partial(output_projection, attn))
         return self.projections.layer_calls(attn)
 
     def attend(self, attn, query, key, value, mask):
