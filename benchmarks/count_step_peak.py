@@ -4,7 +4,9 @@ Every component (UNet, text encoders, VAE, Pivot ID Encoder) is built on ``meta`
 them, and each step of ``profile_step.py`` runs once under :class:`~benchmarks.live_tensors.LiveTensorPeak`, with
 attention as CUDA's flash kernel runs it. Weights plus the step's activations at their peak is what CUDA's
 allocator would report, less its rounding and the libraries' scratch space (cuBLAS and cuDNN workspaces). No
-compute runs: about a minute on any CPU. The VAE decode is counted by ``count_decode.py``.
+compute runs: about a minute on any CPU. Before the steps, the once-per-call pass that makes the reference features
+(``ReferenceGuidance``: the aligned face encoded, ``K`` noisy copies through the UNet to the DIFT block) is counted the
+same way. The VAE decode is counted by ``count_decode.py``.
 
 ``--gates-kept`` counts the guided steps without the recomputed feed-forward gates, as the code the H100 tables
 of ``benchmarks/README.md`` measured (commit 8a43b86), to compare the count with those measurements.
@@ -23,8 +25,9 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
 from benchmarks.live_tensors import LiveTensorPeak, attention_as_on_cuda, flash_attention
-from omniportrait.benchmark import MODELS, model_pipeline, step_calls
+from omniportrait.benchmark import MODELS, PROMPT, model_pipeline, step_calls
 from omniportrait.faces import prepare_reference
+from omniportrait.guidance import RBGuidanceConfig
 
 EXAMPLE = "examples/astronaut.jpg"
 META = torch.device("meta")
@@ -43,6 +46,18 @@ def gates_kept(kept: bool):
         return
     with mock.patch("omniportrait.guidance.rb.gelu_gates", lambda unet: []):
         yield
+
+
+def reference_features_peak(pipe, modules: list[torch.nn.Module], reference, size: int) -> int:
+    """Activation bytes at the peak of making one identity's reference features (once per generation)."""
+    from omniportrait.guidance.rb import ReferenceGuidance
+    from omniportrait.pipelines import Identity
+
+    with torch.no_grad():
+        bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
+    with attention_as_on_cuda(flash_attention), LiveTensorPeak(exclude=modules) as live:
+        ReferenceGuidance(pipe, RBGuidanceConfig(), bound, size, size, 1)
+    return live.peak
 
 
 def step_peaks(pipe, modules: list[torch.nn.Module], reference, size: int, kept: bool = False) -> dict[str, int]:
@@ -73,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{model} {size}², fp16, weights {weights / 2**30:.2f} GiB"
               + (", feed-forward gates kept" if args.gates_kept else ""))
         print("| step | activations GiB | weights + activations GiB |\n|---|---|---|")
-        for name, peak in step_peaks(pipe, modules, reference, size, args.gates_kept).items():
+        peaks = {"reference-features": reference_features_peak(pipe, modules, reference, size),
+                 **step_peaks(pipe, modules, reference, size, args.gates_kept)}
+        for name, peak in peaks.items():
             print(f"| {name} | {peak / 2**30:.2f} | {(weights + peak) / 2**30:.2f} |")
 
 

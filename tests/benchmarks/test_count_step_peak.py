@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.count_step_peak import META, main, step_peaks, weight_bytes
+from benchmarks.count_step_peak import META, main, reference_features_peak, step_peaks, weight_bytes
 from omniportrait.benchmark import model_pipeline
 
 
@@ -15,6 +15,7 @@ def test_guided_steps_hold_more_than_plain_ones_and_the_leaner_ways_less(astrona
     assert peaks["guided-split"] < peaks["guided-split-gelu"] < kept["guided-split"]
     assert kept["plain"] == peaks["plain"]  # the gates only matter with a backward
     assert weight_bytes(modules) > 0 and not any(name.startswith("vae") for name in peaks)
+    assert 0 < reference_features_peak(pipe, modules, astronaut_reference, 64)
 
 
 def test_prints_a_table_per_model(capsys):
@@ -23,3 +24,4 @@ def test_prints_a_table_per_model(capsys):
     assert lines[1].startswith("tiny-sd15 64², fp16, weights")
     assert lines[2] == "| step | activations GiB | weights + activations GiB |"
     assert any(line.startswith("| guided-cfg |") for line in lines)
+    assert lines[4].startswith("| reference-features |")
