@@ -332,8 +332,8 @@ def switched_forward(attn, *args, **kwargs):
 
 
 def switched_block_forward(module, lean: Callable, switch: dict, *args, **kwargs):
-    """A transformer block's or resnet's forward under :func:`switchable_attention`: ``lean``
-    (:func:`~omniportrait.blocks.lean_forward`) while ours are on, diffusers' otherwise."""
+    """The forward of a module :func:`~omniportrait.blocks.lean_forward` covers (transformer block, resnet,
+    ``Transformer2DModel``) under :func:`switchable_attention`: ``lean`` while ours are on, diffusers' otherwise."""
     if switch["ours"]:
         return lean(*args, **kwargs)
     return type(module).forward(module, *args, **kwargs)
