@@ -8,9 +8,10 @@
 #       -d .wheels diffusers==0.42.1 mediapipe==0.10.14 protobuf==4.25.9
 # About 7 minutes on an H100 besides the machine's start (rb-separate and rb-split-interval-2, which decide
 # nothing now, are left out to stay well inside one 10-minute call). Results go to $OUT (env.txt,
-# bench.txt/.json/.err, bench-table.md, profile-MODEL.txt). MODELS, VARIANTS, STEPS, REPEATS and PROFILE (models,
-# or `none`) override the run, e.g. `MODELS=tiny-sd15 PROFILE=tiny-sd15 STEPS=2 REPEATS=1 sh
-# benchmarks/gpu_check.sh` checks it on a CPU.
+# bench.txt/.json/.err, bench-table.md, profile-MODEL.txt); bench.json is written after each model, and a variant
+# or step that fails (out of memory, say) is reported in its place while the rest still runs. MODELS, VARIANTS,
+# STEPS, REPEATS and PROFILE (models, or `none`) override the run, e.g. `MODELS=tiny-sd15 PROFILE=tiny-sd15 STEPS=2
+# REPEATS=1 sh benchmarks/gpu_check.sh` checks it on a CPU.
 set -e
 OUT=${OUT:-/tmp/omniportrait-gpu}
 SITE=${SITE:-/tmp/omniportrait-site}
@@ -31,6 +32,7 @@ grep -iE "warn|error" "$OUT/bench.err" | sort | uniq -c | head -5  # e.g. a CUDA
 sed -n '/^Targets/,$p' "$OUT/bench-table.md"  # the variants within the targets
 for model in ${PROFILE:-random-sdxl random-sd15}; do
     [ "$model" = none ] && break
-    "$PYTHON" benchmarks/profile_step.py --model "$model" > "$OUT/profile-$model.txt" 2>&1
+    "$PYTHON" benchmarks/profile_step.py --model "$model" > "$OUT/profile-$model.txt" 2>&1 \
+        || echo "profile_step.py --model $model exited $? (the end of profile-$model.txt says why)"
     grep -E "^(random|tiny)|^ms|^peak|^graph|^syncs|^one|could not be captured" "$OUT/profile-$model.txt"
 done

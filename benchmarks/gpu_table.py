@@ -20,43 +20,57 @@ def number(value: float | None, digits: int) -> str:
 
 def markdown_table(report: list[dict]) -> str:
     """One row per variant (in the report's order), four columns per model: seconds, × plain, peak and the peak
-    before the decode (GiB). A variant a model did not run shows ``—``."""
+    before the decode (GiB). A variant a model did not run shows ``—``, one that failed ``failed``; the failures'
+    errors follow the table, and so does each model that could not run at all."""
+    measured = [entry for entry in report if entry["rows"]]
     header = ["variant"]
-    for entry in report:
-        name = f"{entry['model']} {entry['size']}²"
-        header += [f"{name} s", "× plain", "peak GiB", "sampling GiB"]
-    variants = list(dict.fromkeys(row["variant"] for entry in report for row in entry["rows"]))
+    for entry in measured:
+        header += [f"{model_name(entry)} s", "× plain", "peak GiB", "sampling GiB"]
+    variants = list(dict.fromkeys(row["variant"] for entry in measured for row in entry["rows"]))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in variants:
         cells = [f"`{variant}`"]
-        for entry in report:
-            row = next((row for row in entry["rows"] if row["variant"] == variant), None)
-            if row is None:
-                cells += ["—"] * 4
-                continue
-            cells += [f"{row['seconds']:.3f}", f"{row['ratio']:.2f}", number(row["peak_gib"], 2),
-                      number(row.get("sampling_peak_gib"), 2)]
+        for entry in measured:
+            cells += row_cells(next((row for row in entry["rows"] if row["variant"] == variant), None))
         lines.append("| " + " | ".join(cells) + " |")
-    conditions = {(entry["device"], entry["dtype"], entry["steps"], entry["guided_steps"]) for entry in report}
+    failures = [f"- `{row['variant']}` failed on {model_name(entry)}: {row['error']}"
+                for entry in measured for row in entry["rows"] if row.get("error")]
+    failures += [f"- {entry['model']} failed: {entry['error']}" for entry in report if not entry["rows"]]
+    lines += ["", *failures] if failures else []
+    conditions = {(entry["device"], entry["dtype"], entry["steps"], entry["guided_steps"]) for entry in measured}
     for device, dtype, steps, guided in sorted(conditions):
         lines.append(f"\n{device}, {dtype}, {steps} steps of which {guided} guided")
     return "\n".join(lines)
 
 
+def model_name(entry: dict) -> str:
+    return f"{entry['model']} {entry['size']}²"
+
+
+def row_cells(row: dict | None) -> list[str]:
+    """A variant's four cells for one model: not run, failed, or measured."""
+    if row is None:
+        return ["—"] * 4
+    if row.get("error"):
+        return ["failed"] + ["—"] * 3
+    return [f"{row['seconds']:.3f}", number(row["ratio"], 2), number(row["peak_gib"], 2),
+            number(row.get("sampling_peak_gib"), 2)]
+
+
 def target_lines(report: list[dict]) -> list[str]:
-    """Per model, the guidance-off variants within ``OFF_RATIO`` and the full-method variants within both
-    ``FULL_RATIO`` and ``FULL_PEAK_GIB`` (a variant without a measured peak cannot meet the latter)."""
+    """Per measured model, the guidance-off variants within ``OFF_RATIO`` and the full-method variants within both
+    ``FULL_RATIO`` and ``FULL_PEAK_GIB`` (a variant without a measured ratio or peak cannot meet them)."""
     lines = [f"\nTargets: guidance off ≤ {OFF_RATIO}×; full method ≤ {FULL_RATIO}× and ≤ {FULL_PEAK_GIB:g} GiB peak "
              "(set for SDXL at 1024², every component loaded)."]
-    for entry in report:
-        rows = [row for row in entry["rows"] if row["variant"].startswith("rb-")]
+    for entry in [entry for entry in report if entry["rows"]]:
+        rows = [row for row in entry["rows"] if row["variant"].startswith("rb-") and row["ratio"] is not None]
         off = [row for row in rows if row["variant"].startswith("rb-off")]
         full = [row for row in rows if not row["variant"].startswith("rb-off")]
         met_off = [f"`{row['variant']}` {row['ratio']:.2f}×" for row in off if row["ratio"] <= OFF_RATIO]
         met_full = [f"`{row['variant']}` {row['ratio']:.2f}×, {row['peak_gib']:.2f} GiB" for row in full
                     if row["ratio"] <= FULL_RATIO and row["peak_gib"] is not None
                     and row["peak_gib"] <= FULL_PEAK_GIB]
-        lines.append(f"- {entry['model']} {entry['size']}²: guidance off within: {', '.join(met_off) or 'none'}; "
+        lines.append(f"- {model_name(entry)}: guidance off within: {', '.join(met_off) or 'none'}; "
                      f"full method within both: {', '.join(met_full) or 'none'}")
     return lines
 

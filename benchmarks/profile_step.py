@@ -27,6 +27,7 @@ from omniportrait.benchmark import (
     MODELS,
     PROMPT,
     device_name,
+    failure,
     model_pipeline,
     placement,
     step_calls,
@@ -57,6 +58,18 @@ def peak_gib(call) -> float:
     call()
     synchronize()
     return torch.cuda.max_memory_allocated() / 2**30
+
+
+def measured(measure, call, digits: int) -> str:
+    """``measure(call)`` to ``digits`` decimals, or why it failed: one kind of step running out of memory, say, does
+    not stop the others."""
+    try:
+        return f"{measure(call):.{digits}f}"
+    except Exception as error:  # printed in its place
+        return f"failed ({failure(error)})"
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def sync_points(call) -> Counter:
@@ -124,9 +137,10 @@ def main() -> None:
     print(f"{args.model} {size}x{size}, {device_name(device)}, {dtype}; weights {weights:.2f} GiB")
     # peaks first: a CUDA-graph step allocates its memory when it is captured, on its first call; its replays
     # allocate nothing, so a peak taken on a replay would leave out the graph's memory
-    print("peak GiB: " + ", ".join(f"{name} {peak_gib(call):.2f}" for name, call in calls.items()), flush=True)
-    times = {name: timed_ms(call, args.repeats) for name, call in calls.items()}
-    print("ms: " + ", ".join(f"{name} {ms:.1f}" for name, ms in times.items()), flush=True)
+    print("peak GiB: " + ", ".join(f"{name} {measured(peak_gib, call, 2)}" for name, call in calls.items()),
+          flush=True)
+    print("ms: " + ", ".join(f"{name} {measured(lambda c: timed_ms(c, args.repeats), call, 1)}"
+                             for name, call in calls.items()), flush=True)
     if device.type == "cuda":
         print(graph_agreement(pipe, reference, size), flush=True)
     print(kernel_table(calls[f"guided-{args.feature_pass}"]))

@@ -130,3 +130,47 @@ def test_graph_step_calls_replay_what_the_eager_ones_compute(monkeypatch, astron
         expected = calls[eager]()
         calls[graphed]()  # warm-up and capture
         assert torch.allclose(calls[graphed](), expected, atol=1e-6)  # a replay
+
+
+def failing(names: tuple[str, ...], message: str = "CUDA out of memory. Tried to allocate 2.00 GiB"):
+    """``variant_calls`` whose ``names`` raise instead of generating."""
+    from omniportrait import benchmark
+
+    real = benchmark.variant_calls
+
+    def calls(*args):
+        made = real(*args)
+
+        def fail():
+            raise torch.OutOfMemoryError(f"{message}\nmore detail")
+
+        return {name: fail if name in names else call for name, call in made.items()}
+
+    return calls
+
+
+def test_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch, astronaut_reference):
+    from omniportrait import benchmark
+
+    monkeypatch.setattr(benchmark, "variant_calls", failing(("rb-cfg",)))
+    config = BenchConfig("tiny-sd15", steps=2, repeats=2, variants=("rb-cfg", "rb-off"))
+    seen = []
+    with pytest.warns(UserWarning, match="rb-cfg failed: OutOfMemoryError: CUDA out of memory"):
+        rows = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_call=seen.append)
+    assert seen == [PLAIN, "rb-cfg", "rb-off", PLAIN, "rb-off", PLAIN, "rb-off"]  # not tried again after failing
+    failed, off = rows[1], rows[2]
+    assert failed.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"  # its first line
+    assert failed.seconds is None and failed.ratio is None
+    assert off.error is None and off.ratio == pytest.approx(off.seconds / rows[0].seconds)
+    assert format_row(failed) == f"{'rb-cfg':26s} failed: {failed.error}"
+
+
+def test_without_plain_there_are_times_but_no_ratios(monkeypatch, astronaut_reference):
+    from omniportrait import benchmark
+
+    monkeypatch.setattr(benchmark, "variant_calls", failing((PLAIN,)))
+    config = BenchConfig("tiny-sd15", steps=1, repeats=1, variants=("rb-off",))
+    with pytest.warns(UserWarning, match=f"{PLAIN} failed"):
+        plain, off = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32)
+    assert plain.error is not None and off.seconds > 0 and off.ratio is None
+    assert format_row(off).split()[:3] == ["rb-off", f"{off.seconds:.3f}", "n/a"]

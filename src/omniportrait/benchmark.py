@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -118,10 +119,11 @@ class BenchConfig:
 @dataclass(frozen=True)
 class BenchRow:
     variant: str
-    seconds: float
-    ratio: float
+    seconds: float | None  # None: the variant failed
+    ratio: float | None  # None: it or diffusers' plain pipeline failed
     peak_gib: float | None
     sampling_peak_gib: float | None = None  # the peak before the VAE decode: text encoding and sampling
+    error: str | None = None  # why the variant failed: its exception's type and first line
 
 
 def placement(model: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
@@ -137,7 +139,7 @@ def device_name(device: torch.device) -> str:
 
 
 def release_memory(device: torch.device) -> None:
-    """Free what an earlier model left, so that its weights do not count in the next model's peak."""
+    """Free what an earlier model or a failed call left, so that it does not count in the next peak."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -247,7 +249,9 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
     and highest peak.
 
     Every variant is warmed up once, then all are timed in rounds (plain, a, b, …, plain, a, b, …) so that a
-    machine's slow drift falls on every variant alike. ``on_call`` is told each call's variant, for progress.
+    machine's slow drift falls on every variant alike. ``on_call`` is told each call's variant, for progress. A
+    variant whose call raises (CUDA out of memory, say) is reported with the error, with a warning, and not called
+    again; the others go on.
     """
     release_memory(device)
     parts, pivot_encoder = model_components(config.model, device, dtype)
@@ -256,18 +260,37 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
     best = {name: float("inf") for name in calls}
     peaks: dict[str, float | None] = dict.fromkeys(calls)
     sampling_peaks: dict[str, float | None] = dict.fromkeys(calls)
+    errors: dict[str, str] = {}
     with torch.no_grad():
         for timed_round in range(config.repeats + 1):
             for name, call in calls.items():
+                if name in errors:
+                    continue
                 before_decode.gib = None
-                seconds, peak = timed_once(call, device)
-                if timed_round > 0:  # round 0 warms up
-                    best[name] = min(best[name], seconds)
-                    peaks[name] = highest(peaks[name], peak)
-                    sampling_peaks[name] = highest(sampling_peaks[name], before_decode.gib)
+                try:
+                    seconds, peak = timed_once(call, device)
+                except Exception as error:  # reported in the variant's row
+                    errors[name] = failure(error)
+                else:
+                    if timed_round > 0:  # round 0 warms up
+                        best[name] = min(best[name], seconds)
+                        peaks[name] = highest(peaks[name], peak)
+                        sampling_peaks[name] = highest(sampling_peaks[name], before_decode.gib)
+                if name in errors:
+                    warnings.warn(f"{name} failed: {errors[name]}; the other variants go on", stacklevel=2)
+                    release_memory(device)
                 if on_call is not None:
                     on_call(name)
-    return [BenchRow(name, best[name], best[name] / best[PLAIN], peaks[name], sampling_peaks[name]) for name in calls]
+    plain = None if PLAIN in errors else best[PLAIN]
+    return [BenchRow(name, None, None, None, None, errors[name]) if name in errors else
+            BenchRow(name, best[name], None if plain is None else best[name] / plain, peaks[name],
+                     sampling_peaks[name]) for name in calls]
+
+
+def failure(error: BaseException) -> str:
+    """An exception as one line for a report: its type and the first line of its message."""
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
 
 
 def highest(a: float | None, b: float | None) -> float | None:
@@ -285,12 +308,16 @@ def table_header(config: BenchConfig, device: torch.device, dtype: torch.dtype) 
 
 
 def format_row(row: BenchRow) -> str:
-    peak, sampling = (f"{gib:.2f}" if gib is not None else "n/a" for gib in (row.peak_gib, row.sampling_peak_gib))
-    return f"{row.variant:26s} {row.seconds:9.3f} {row.ratio:8.2f} {peak:>9s} {sampling:>13s}"
+    if row.error is not None:
+        return f"{row.variant:26s} failed: {row.error}"
+    ratio, peak, sampling = (f"{value:.2f}" if value is not None else "n/a"
+                             for value in (row.ratio, row.peak_gib, row.sampling_peak_gib))
+    return f"{row.variant:26s} {row.seconds:9.3f} {ratio:>8s} {peak:>9s} {sampling:>13s}"
 
 
 def report_entry(config: BenchConfig, device: torch.device, dtype: torch.dtype, rows: list[BenchRow]) -> dict:
-    """One model's rows and the conditions they were measured under, for ``--json``."""
+    """One model's rows and the conditions they were measured under, for ``--json`` (a model that could not run at
+    all is ``{"model", "error", "rows": []}``)."""
     return {"model": config.model, "size": config.resolution, "steps": config.steps,
             "guided_steps": config.guided_steps, "repeats": config.repeats, "device": device_name(device),
             "dtype": dtype_name(dtype), "rows": [dataclasses.asdict(row) for row in rows]}

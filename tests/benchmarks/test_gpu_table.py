@@ -11,8 +11,9 @@ def entry(model, size, rows):
             "dtype": "float16", "rows": rows}
 
 
-def row(variant, seconds, ratio, peak=None, sampling=None):
-    return {"variant": variant, "seconds": seconds, "ratio": ratio, "peak_gib": peak, "sampling_peak_gib": sampling}
+def row(variant, seconds, ratio, peak=None, sampling=None, error=None):
+    return {"variant": variant, "seconds": seconds, "ratio": ratio, "peak_gib": peak, "sampling_peak_gib": sampling,
+            "error": error}
 
 
 def test_models_side_by_side_and_a_missing_variant_is_a_dash():
@@ -36,6 +37,21 @@ def test_the_variants_within_the_targets_are_named():
                          "`rb-cfg-banded` 1.59×, 11.60 GiB")
     tiny = target_lines([entry("tiny-sd15", 64, [row("rb-cfg", 1.0, 2.0)])])
     assert tiny[-1].endswith("full method within both: none")
+
+
+def test_failures_are_cells_and_lines_and_never_within_the_targets():
+    oom = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    sdxl = [row("diffusers-plain", 3.2, 1.0, 12.15), row("rb-cfg", None, None, error=oom)]
+    sd15 = [row("diffusers-plain", None, None, error="RuntimeError: boom"), row("rb-cfg", 2.0, None, 3.4)]
+    report = [entry("random-sdxl", 1024, sdxl), entry("random-sd15", 512, sd15),
+              {"model": "random-flux", "error": "OutOfMemoryError: loading", "rows": []}]
+    table = markdown_table(report).splitlines()
+    assert table[3] == "| `rb-cfg` | failed | — | — | — | 2.000 | n/a | 3.40 | n/a |"
+    assert f"- `rb-cfg` failed on random-sdxl 1024²: {oom}" in table
+    assert "- random-flux failed: OutOfMemoryError: loading" in table
+    lines = target_lines(report)
+    assert lines[1].endswith("full method within both: none") and lines[2].endswith("within both: none")
+    assert len(lines) == 3
 
 
 def test_reads_what_the_bench_writes(tmp_path, astronaut_path, capsys):

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from omniportrait.cli import main
 
@@ -41,3 +42,49 @@ def test_a_narrow_twin_runs_on_the_cpu_without_a_slowness_warning(astronaut_path
                  "--variants", "rb-off"]) == 0
     assert "twin-sd15 16x16, 2 steps" in capsys.readouterr().out
     assert not [w for w in recwarn if "slow on the CPU" in str(w.message)]
+
+
+def test_a_failing_variant_exits_1_after_the_whole_report(monkeypatch, tmp_path, astronaut_path, capsys):
+    from omniportrait import benchmark
+    from tests.test_benchmark import failing
+
+    monkeypatch.setattr(benchmark, "variant_calls", failing(("rb-cfg",), "boom"))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--reference", astronaut_path, "--models", "tiny-sd15", "--steps", "1", "--repeats", "1",
+                 "--variants", "rb-cfg", "rb-off", "--json", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert "rb-cfg                     failed: OutOfMemoryError: boom" in printed.out
+    assert "warning: rb-cfg failed: OutOfMemoryError: boom; the other variants go on" in printed.err
+    assert printed.err.splitlines()[-1] == "tiny-sd15: rb-cfg failed (OutOfMemoryError: boom)"
+    (report,) = json.loads(out.read_text())
+    assert [(row["variant"], row["error"]) for row in report["rows"]] == [
+        ("diffusers-plain", None), ("rb-cfg", "OutOfMemoryError: boom"), ("rb-off", None)]
+
+
+def test_each_model_is_written_as_it_finishes_and_a_model_that_fails_does_not_stop_the_next(
+        monkeypatch, tmp_path, astronaut_path, capsys):
+    from omniportrait import benchmark
+    from omniportrait.cli import bench
+
+    real, written = benchmark.run_benchmark, []
+
+    def run(config, *args, **kwargs):
+        if config.model == "tiny-sd15":
+            raise torch.OutOfMemoryError("CUDA out of memory while loading")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_benchmark", run)
+    write = bench.write_json_atomic
+    monkeypatch.setattr(bench, "write_json_atomic", lambda path, report: written.append(len(report)) or
+                        write(path, report))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--reference", astronaut_path, "--models", "tiny-sd15", "tiny-sdxl", "--steps", "1",
+                 "--repeats", "1", "--variants", "rb-off", "--json", str(out)]) == 1
+    assert written == [1, 2]
+    failed, done = json.loads(out.read_text())
+    assert failed == {"model": "tiny-sd15", "error": "OutOfMemoryError: CUDA out of memory while loading",
+                      "rows": []}
+    assert done["model"] == "tiny-sdxl" and len(done["rows"]) == 2
+    printed = capsys.readouterr()
+    assert "tiny-sd15 failed: OutOfMemoryError: CUDA out of memory while loading" in printed.out
+    assert "tiny-sdxl 64x64, 1 steps" in printed.out

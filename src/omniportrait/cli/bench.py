@@ -9,7 +9,23 @@ import argparse
 import sys
 import warnings
 
-from omniportrait.benchmark import CPU_MODELS, MODELS, PLAIN, VARIANTS
+import torch
+
+from omniportrait import benchmark
+from omniportrait.benchmark import (
+    CPU_MODELS,
+    MODELS,
+    PLAIN,
+    VARIANTS,
+    BenchConfig,
+    BenchRow,
+    failure,
+    format_row,
+    placement,
+    report_entry,
+    table_header,
+)
+from omniportrait.files import write_json_atomic
 
 
 def add_parser(subparsers) -> None:
@@ -18,7 +34,8 @@ def add_parser(subparsers) -> None:
         description="Wall time (best of --repeats rounds over all variants, after a warm-up round) and CUDA "
                     "peak memory of diffusers' plain pipeline, ours with RB-Guidance off, and the full method in "
                     "each variant, on the same components, prompt, seed and steps, in one run. Prints ratios "
-                    "to plain.",
+                    "to plain. A variant or model that fails (CUDA out of memory, say) is reported in its place, "
+                    "the others still run, and the exit status is then 1.",
     )
     p.add_argument("--reference", required=True, help="face photo for the identity, e.g. examples/astronaut.jpg")
     p.add_argument("--models", nargs="+", default=None, choices=list(MODELS), metavar="MODEL",
@@ -35,7 +52,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="device of the random-* models: auto, cpu, cuda, cuda:N; "
                                                     "tiny and twin models always run on the CPU")
     p.add_argument("--dtype", default="auto", help="dtype of the random-* models (auto: fp16 on CUDA, else fp32)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON (after each model)")
     p.set_defaults(run=run)
 
 
@@ -46,16 +63,7 @@ def default_models(cuda: bool) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from omniportrait.benchmark import (
-        BenchConfig,
-        format_row,
-        placement,
-        report_entry,
-        run_benchmark,
-        table_header,
-    )
     from omniportrait.faces import prepare_reference
-    from omniportrait.files import write_json_atomic
     from omniportrait.images import load_image
     from omniportrait.pipelines.loading import resolve_device, resolve_dtype
 
@@ -63,22 +71,35 @@ def run(args: argparse.Namespace) -> int:
     configs = [BenchConfig(model, args.steps, args.repeats, args.size, tuple(args.variants))
                for model in args.models or default_models(device.type == "cuda")]
     reference = prepare_reference(load_image(args.reference))
-    report = []
+    report, failed = [], []
     for config in configs:
         model_device, dtype = placement(config.model, device, resolve_dtype(args.dtype, device))
         if model_device.type == "cpu" and not config.model.startswith(CPU_MODELS):
             warnings.warn(f"{config.model} is slow on the CPU (seconds to minutes per step); use few --steps or a GPU",
                           stacklevel=1)
-        with tqdm(total=(config.repeats + 1) * len(config.variants_on(model_device)), desc=config.model,
-                  unit="call", file=sys.stderr, leave=False) as bar:
-            rows = run_benchmark(config, reference, model_device, dtype, on_call=lambda name: bar.update())
-        print(table_header(config, model_device, dtype))
-        print("\n".join(format_row(row) for row in rows))
-        skipped = [name for name in config.all_variants if name not in config.variants_on(model_device)]
-        if skipped:
-            print(f"not run on {model_device.type} (CUDA only): {', '.join(skipped)}")
-        print(flush=True)
-        report.append(report_entry(config, model_device, dtype, rows))
-    if args.json:
-        write_json_atomic(args.json, report)
-    return 0
+        try:
+            with tqdm(total=(config.repeats + 1) * len(config.variants_on(model_device)), desc=config.model,
+                      unit="call", file=sys.stderr, leave=False) as bar:
+                rows = benchmark.run_benchmark(config, reference, model_device, dtype, on_call=lambda _: bar.update())
+        except Exception as error:  # e.g. its weights do not fit: the next model still runs
+            print(f"{config.model} failed: {failure(error)}\n", flush=True)
+            failed.append(f"{config.model} failed ({failure(error)})")
+            report.append({"model": config.model, "error": failure(error), "rows": []})
+        else:
+            print_table(config, model_device, dtype, rows)
+            failed += [f"{config.model}: {row.variant} failed ({row.error})" for row in rows if row.error]
+            report.append(report_entry(config, model_device, dtype, rows))
+        if args.json:  # after each model, so that a run cut short keeps what it measured
+            write_json_atomic(args.json, report)
+    for line in failed:
+        print(line, file=sys.stderr)
+    return 1 if failed else 0
+
+
+def print_table(config: BenchConfig, device: torch.device, dtype: torch.dtype, rows: list[BenchRow]) -> None:
+    print(table_header(config, device, dtype))
+    print("\n".join(format_row(row) for row in rows))
+    skipped = [name for name in config.all_variants if name not in config.variants_on(device)]
+    if skipped:
+        print(f"not run on {device.type} (CUDA only): {', '.join(skipped)}")
+    print(flush=True)
