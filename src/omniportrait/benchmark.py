@@ -257,7 +257,7 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
     parts, pivot_encoder = model_components(config.model, device, dtype)
     calls = variant_calls(config, parts, pivot_encoder, reference, device)
     before_decode = PeakBeforeDecode(parts["vae"], lambda: allocator_peak_gib(device))
-    best = {name: float("inf") for name in calls}
+    best: dict[str, float | None] = {name: float("inf") for name in calls}
     peaks: dict[str, float | None] = dict.fromkeys(calls)
     sampling_peaks: dict[str, float | None] = dict.fromkeys(calls)
     errors: dict[str, str] = {}
@@ -276,15 +276,20 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
                         best[name] = min(best[name], seconds)
                         peaks[name] = highest(peaks[name], peak)
                         sampling_peaks[name] = highest(sampling_peaks[name], before_decode.gib)
-                if name in errors:
+                if name in errors:  # freed outside the except block, whose traceback holds the call's tensors
                     warnings.warn(f"{name} failed: {errors[name]}; the other variants go on", stacklevel=2)
                     release_memory(device)
                 if on_call is not None:
                     on_call(name)
-    plain = None if PLAIN in errors else best[PLAIN]
+    if PLAIN in errors:
+        best[PLAIN] = None
     return [BenchRow(name, None, None, None, None, errors[name]) if name in errors else
-            BenchRow(name, best[name], None if plain is None else best[name] / plain, peaks[name],
-                     sampling_peaks[name]) for name in calls]
+            BenchRow(name, best[name], ratio(best[name], best[PLAIN]), peaks[name], sampling_peaks[name])
+            for name in calls]
+
+
+def ratio(seconds: float, plain: float | None) -> float | None:
+    return None if plain is None else seconds / plain
 
 
 def failure(error: BaseException) -> str:
