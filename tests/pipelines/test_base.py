@@ -1,4 +1,5 @@
-"""The shared pipeline lifecycle: attention while sampling, VAE precision around encoding and decoding."""
+"""The shared pipeline lifecycle: attention while sampling, VAE precision around encoding and decoding, and a
+generation that fails midway (out of memory, say) putting back what it changed."""
 
 import pytest
 import torch
@@ -78,3 +79,48 @@ def test_a_generation_projects_the_prompt_for_cross_attention_once(arch):
             handle.remove()
     assert len(calls) == len(keys)  # not once per step
     assert pipe.unet.attn_processors == before
+
+
+def pipeline_state(pipe) -> tuple:
+    """What a generation changes while it samples and must put back: attention processors, modules' forwards
+    set on the instance, which weights require grad."""
+    forwards = sorted(name for name, module in pipe.unet.named_modules() if "forward" in vars(module))
+    return dict(pipe.unet.attn_processors), forwards, [p.requires_grad for p in pipe.unet.parameters()]
+
+
+def failing_on_the_third_call(call):
+    """``call``, raising CUDA's out-of-memory error on its third call."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return call(*args, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("where", ["scheduler step", "guided backward"])
+def test_a_generation_that_fails_midway_leaves_the_pipeline_as_it_was(arch, astronaut_reference, monkeypatch,
+                                                                       where):
+    from omniportrait.guidance import rb
+    from omniportrait.pipelines import Identity
+
+    def generate(pipe):
+        return pipe("a photo of a woman", [Identity(astronaut_reference, "woman")], num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    pipe, fresh = build(arch), build(arch)
+    for unet in (pipe.unet, fresh.unet):
+        unet.requires_grad_(True)  # as from_pretrained leaves it
+    before = pipeline_state(pipe)
+    with monkeypatch.context() as patch:  # 4 DDIM steps, the last three guided (t <= 0.6 T)
+        if where == "scheduler step":
+            patch.setattr(pipe.scheduler, "step", failing_on_the_third_call(pipe.scheduler.step))
+        else:  # inside the guided step: gates recomputed, grad enabled
+            patch.setattr(rb.torch.autograd, "grad", failing_on_the_third_call(torch.autograd.grad))
+        with pytest.raises(torch.OutOfMemoryError):
+            generate(pipe)
+    assert pipeline_state(pipe) == before
+    assert torch.equal(generate(pipe), generate(fresh))
