@@ -243,6 +243,27 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
     return {name: call(VARIANTS[name]) for name in config.variants_on(device)}
 
 
+@dataclass
+class VariantTimes:
+    """What one variant's calls measured so far: best time, highest peaks, or why it failed."""
+
+    best: float = float("inf")
+    peak_gib: float | None = None
+    sampling_peak_gib: float | None = None
+    error: str | None = None
+
+    def add(self, seconds: float, peak_gib: float | None, sampling_peak_gib: float | None) -> None:
+        self.best = min(self.best, seconds)
+        self.peak_gib = highest(self.peak_gib, peak_gib)
+        self.sampling_peak_gib = highest(self.sampling_peak_gib, sampling_peak_gib)
+
+    def row(self, variant: str, plain: VariantTimes) -> BenchRow:
+        if self.error is not None:
+            return BenchRow(variant, None, None, None, None, self.error)
+        ratio = None if plain.error is not None else self.best / plain.best
+        return BenchRow(variant, self.best, ratio, self.peak_gib, self.sampling_peak_gib)
+
+
 def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: torch.dtype,
                   on_call: Callable[[str], None] | None = None) -> list[BenchRow]:
     """One row per variant that runs on ``device``, diffusers' plain pipeline first: its best time, ratio to plain,
@@ -257,39 +278,24 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
     parts, pivot_encoder = model_components(config.model, device, dtype)
     calls = variant_calls(config, parts, pivot_encoder, reference, device)
     before_decode = PeakBeforeDecode(parts["vae"], lambda: allocator_peak_gib(device))
-    best: dict[str, float | None] = {name: float("inf") for name in calls}
-    peaks: dict[str, float | None] = dict.fromkeys(calls)
-    sampling_peaks: dict[str, float | None] = dict.fromkeys(calls)
-    errors: dict[str, str] = {}
+    times = {name: VariantTimes() for name in calls}
     with torch.no_grad():
         for timed_round in range(config.repeats + 1):
-            for name, call in calls.items():
-                if name in errors:
-                    continue
+            for name in [name for name in calls if times[name].error is None]:
                 before_decode.gib = None
                 try:
-                    seconds, peak = timed_once(call, device)
+                    seconds, peak = timed_once(calls[name], device)
                 except Exception as error:  # reported in the variant's row
-                    errors[name] = failure(error)
+                    times[name].error = failure(error)
                 else:
                     if timed_round > 0:  # round 0 warms up
-                        best[name] = min(best[name], seconds)
-                        peaks[name] = highest(peaks[name], peak)
-                        sampling_peaks[name] = highest(sampling_peaks[name], before_decode.gib)
-                if name in errors:  # freed outside the except block, whose traceback holds the call's tensors
-                    warnings.warn(f"{name} failed: {errors[name]}; the other variants go on", stacklevel=2)
+                        times[name].add(seconds, peak, before_decode.gib)
+                if times[name].error is not None:  # freed outside the except block: its traceback holds tensors
+                    warnings.warn(f"{name} failed: {times[name].error}; the other variants go on", stacklevel=2)
                     release_memory(device)
                 if on_call is not None:
                     on_call(name)
-    if PLAIN in errors:
-        best[PLAIN] = None
-    return [BenchRow(name, None, None, None, None, errors[name]) if name in errors else
-            BenchRow(name, best[name], ratio(best[name], best[PLAIN]), peaks[name], sampling_peaks[name])
-            for name in calls]
-
-
-def ratio(seconds: float, plain: float | None) -> float | None:
-    return None if plain is None else seconds / plain
+    return [times[name].row(name, times[PLAIN]) for name in calls]
 
 
 def failure(error: BaseException) -> str:
