@@ -82,9 +82,10 @@ def run(args: argparse.Namespace) -> int:
                       unit="call", file=sys.stderr, leave=False) as bar:
                 rows = benchmark.run_benchmark(config, reference, model_device, dtype, on_call=lambda _: bar.update())
         except Exception as error:  # e.g. its weights do not fit: the next model still runs
-            print(f"{config.model} failed: {failure(error)}\n", flush=True)
-            failed.append(f"{config.model} failed ({failure(error)})")
-            report.append({"model": config.model, "error": failure(error), "rows": []})
+            message = failure(error)
+            print(f"{config.model} failed: {message}\n", flush=True)
+            failed.append(f"{config.model} failed ({message})")
+            report.append({"model": config.model, "error": message, "rows": []})
         else:
             print_table(config, model_device, dtype, rows)
             failed += [f"{config.model}: {row.variant} failed ({row.error})" for row in rows if row.error]
