@@ -105,7 +105,7 @@ def test_bad_input_one_line_nonzero_no_output(case, tmp_path, astronaut_path, ca
 
 
 @pytest.mark.parametrize("flags, named, not_named", [
-    ([], ["--rb-feature-pass split", "--banded-decode"], ["--num-images", "--rb-recompute"]),
+    ([], ["--rb-feature-pass split"], ["--num-images", "--rb-recompute", "--banded-decode"]),  # decodes in bands itself
     (["--rb-feature-pass", "split", "--rb-recompute", "gelu", "--banded-decode", "--num-images", "2"],
      ["--rb-recompute projection", "--num-images"], ["--rb-feature-pass", "--banded-decode"]),
     (["--rb-feature-pass", "split", "--banded-decode"], ["--width"], ["--rb-", "--banded-decode"]),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from omniportrait.errors import ConfigError
+from omniportrait.models.banded_decode import DEFAULT_BAND_MIB
 from tests.conftest import build
 
 
@@ -60,6 +61,23 @@ def test_banded_decode_gives_the_same_images_in_the_working_precision(arch):
     assert (pipe.decode(latents, "np") == whole).all()
 
 
+def test_a_decode_that_runs_out_of_memory_is_done_in_bands(arch, monkeypatch):
+    from omniportrait.pipelines import base
+
+    pipe = build(arch)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = pipe.decode(latents, "np")
+    bands, decode_in_bands = [], base.decode_in_bands
+    monkeypatch.setattr(pipe.vae, "decode", out_of_memory_from(pipe.vae.decode, 1))
+    monkeypatch.setattr(base, "decode_in_bands", lambda *args: bands.append(args[2]) or decode_in_bands(*args))
+    with pytest.warns(UserWarning, match="ran out of GPU memory; decoded in bands instead"):
+        banded = pipe.decode(latents, "np")
+    assert bands == [DEFAULT_BAND_MIB] and abs(banded - whole).max() < 1e-5
+    pipe.enable_banded_decode(1)  # asked for: no whole decode is tried
+    pipe.decode(latents, "np")
+    assert bands == [DEFAULT_BAND_MIB, 1]
+
+
 def test_banded_decode_needs_a_positive_band():
     with pytest.raises(ConfigError, match="positive"):
         build("sd15").enable_banded_decode(0)
@@ -88,13 +106,13 @@ def pipeline_state(pipe) -> tuple:
     return dict(pipe.unet.attn_processors), forwards, [p.requires_grad for p in pipe.unet.parameters()]
 
 
-def failing_on_the_third_call(call):
-    """``call``, raising CUDA's out-of-memory error on its third call."""
+def out_of_memory_from(call, first: int):
+    """``call``, raising CUDA's out-of-memory error from its ``first``-th call on."""
     calls = []
 
     def failing(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) >= first:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return call(*args, **kwargs)
 
@@ -117,9 +135,9 @@ def test_a_generation_that_fails_midway_leaves_the_pipeline_as_it_was(arch, astr
     before = pipeline_state(pipe)
     with monkeypatch.context() as patch:  # 4 DDIM steps, the last three guided (t <= 0.6 T)
         if where == "scheduler step":
-            patch.setattr(pipe.scheduler, "step", failing_on_the_third_call(pipe.scheduler.step))
+            patch.setattr(pipe.scheduler, "step", out_of_memory_from(pipe.scheduler.step, 3))
         else:  # inside the guided step: gates recomputed, grad enabled
-            patch.setattr(rb.torch.autograd, "grad", failing_on_the_third_call(torch.autograd.grad))
+            patch.setattr(rb.torch.autograd, "grad", out_of_memory_from(torch.autograd.grad, 3))
         with pytest.raises(torch.OutOfMemoryError):
             generate(pipe)
     assert pipeline_state(pipe) == before

@@ -253,14 +253,13 @@ def asdict_flags(args) -> dict:
 
 
 def out_of_memory_message(args, config: RBGuidanceConfig) -> str:
-    """What to say when the GPU runs out of memory: the options of this run that would lower the peak."""
+    """What to say when the GPU runs out of memory: the options of this run that would lower the peak (not the
+    banded decode: a whole decode that runs out of memory is done in bands without being asked)."""
     levers = []
     if config.enabled and config.feature_pass == "cfg":
         levers.append("--rb-feature-pass split")
     if config.enabled and config.recompute == "gelu":
         levers.append("--rb-recompute projection")
-    if not args.banded_decode:
-        levers.append("--banded-decode")
     advice = [f"{', '.join(levers)} (each lowers the peak without changing the method, docs/guidance.md)"] \
         if levers else []
     if args.num_images > 1:

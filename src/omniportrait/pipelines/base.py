@@ -202,11 +202,25 @@ class OmniPortraitMixin:
             return latents
         with self.vae_in_working_precision() as vae:
             latents = latents.to(vae.dtype) / vae.config.scaling_factor
-            if self.decode_band_mib is not None:
-                image = decode_in_bands(vae, latents, self.decode_band_mib)
-            else:
-                image = vae.decode(latents, return_dict=False, generator=generator)[0]
+            image = self.decode_latents(vae, latents, generator)
         return self.image_processor.postprocess(image, output_type=output_type)
+
+    def decode_latents(self, vae, latents: torch.Tensor, generator=None) -> torch.Tensor:
+        """diffusers' VAE decode, or the banded one when enabled. A whole decode that runs out of GPU memory (SDXL's
+        fp32 decode is where its plain generation peaks) is done again in bands, with a warning: the same image up to
+        rounding, instead of losing the sampled latents."""
+        if self.decode_band_mib is not None:
+            return decode_in_bands(vae, latents, self.decode_band_mib)
+        try:
+            return vae.decode(latents, return_dict=False, generator=generator)[0]
+        except torch.OutOfMemoryError:
+            pass  # retried below, once the error's traceback no longer holds the failed decode's tensors
+        height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+        warnings.warn(f"the VAE decode at {width}x{height} ran out of GPU memory; decoded in bands instead (the same "
+                      "image up to rounding; --banded-decode or pipe.enable_banded_decode() starts that way)",
+                      stacklevel=3)
+        torch.cuda.empty_cache()
+        return decode_in_bands(vae, latents, DEFAULT_BAND_MIB)
 
     @torch.no_grad()
     def __call__(
