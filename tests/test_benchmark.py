@@ -174,3 +174,27 @@ def test_without_plain_there_are_times_but_no_ratios(monkeypatch, astronaut_refe
         plain, off = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32)
     assert plain.error is not None and off.seconds > 0 and off.ratio is None
     assert format_row(off).split()[:3] == ["rb-off", f"{off.seconds:.3f}", "n/a"]
+
+
+def test_a_variant_that_fell_back_after_running_out_of_memory_is_not_timed_as_itself(monkeypatch,
+                                                                                     astronaut_reference):
+    from omniportrait.guidance import rb
+
+    grad, calls = torch.autograd.grad, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(rb.torch.autograd, "grad", out_of_memory_once)
+    config = BenchConfig("tiny-sd15", steps=2, repeats=1, variants=("rb-cfg", "rb-split"))
+    with pytest.warns(UserWarning) as caught:
+        plain, cfg, split = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32)
+    messages = [str(warning.message) for warning in caught]
+    assert any("use the split pass" in message for message in messages)  # the pipeline's
+    assert any(message.startswith("rb-cfg failed") for message in messages)  # the bench's
+    assert cfg.error == ("OutOfMemoryError: ran out of GPU memory and went on with the split pass, so the time "
+                         "is not this variant's")
+    assert split.error is None and split.ratio > 0

@@ -140,6 +140,17 @@ class AttentionStore:
             total = resize_map(maps, size) + (0 if total is None else total)
         return total / len(self.cross_maps)
 
+    def running_mean_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A copy of the running mean's sum and count, for :meth:`restore_running_mean` (a step that failed)."""
+        return None if self._total is None else (self._total.clone(), self._calls.clone())
+
+    def restore_running_mean(self, state: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        if state is None:
+            self._total = self._calls = None
+        else:
+            self._total.copy_(state[0])
+            self._calls.copy_(state[1])
+
     def accumulate(self) -> torch.Tensor:
         """Add this call's maps to the running mean over calls (steps) and return that mean.
 

@@ -105,7 +105,7 @@ def test_bad_input_one_line_nonzero_no_output(case, tmp_path, astronaut_path, ca
 
 
 @pytest.mark.parametrize("flags, named, not_named", [
-    ([], ["--rb-feature-pass split"], ["--num-images", "--rb-recompute", "--banded-decode"]),  # decodes in bands itself
+    ([], ["--width"], ["--rb-feature-pass", "--num-images", "--rb-recompute", "--banded-decode"]),  # both taken already
     (["--rb-feature-pass", "split", "--rb-recompute", "gelu", "--banded-decode", "--num-images", "2"],
      ["--rb-recompute projection", "--num-images"], ["--rb-feature-pass", "--banded-decode"]),
     (["--rb-feature-pass", "split", "--banded-decode"], ["--width"], ["--rb-", "--banded-decode"]),
@@ -133,3 +133,29 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
                              "--out", str(tmp_path / "o.png")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+def test_a_run_that_ran_out_of_memory_records_what_it_fell_back_to(monkeypatch, tmp_path, astronaut_path, capsys):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from omniportrait.guidance import rb
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    out, again = tmp_path / "a.png", tmp_path / "again.png"
+    with monkeypatch.context() as patch:
+        grad, calls = torch.autograd.grad, []
+        patch.setattr(rb.torch.autograd, "grad", lambda *args, **kwargs: calls.append(1) or (
+            out_of_memory() if len(calls) == 1 else grad(*args, **kwargs)))  # the first guided step's backward
+        patch.setattr(AutoencoderKL, "decode", out_of_memory)
+        assert generate("--reference", astronaut_path, "--prompt", "a woman on the beach", "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert "it and the later steps use the split pass" in err and "decoded in bands instead" in err
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["rb_guidance"]["feature_pass"] == "split" and meta["parameters"]["banded_decode"] is True
+    reproduce = meta["reproduce"]
+    assert "--rb-feature-pass" in reproduce and "--banded-decode" in reproduce
+    assert main(reproduce[1:-2] + ["--out", str(again)]) == 0  # what ran, without running out of memory
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))

@@ -183,3 +183,43 @@ def test_half_precision_gradient_does_not_underflow(astronaut_reference):
     _, gradient = guidance.noise_and_gradient(latents.to(torch.float16), torch.tensor(400), cond, 7.5)
     assert gradient.dtype == torch.float32 and torch.isfinite(gradient).all()
     assert gradient.abs().max() > 0
+
+
+def out_of_memory_on_first_call(call):
+    """``call``, raising CUDA's out-of-memory error on its first call only."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return call(*args, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("where", ["generated_masks", "backward"])  # before / after the running mean is updated
+def test_a_cfg_step_out_of_memory_goes_on_with_the_split_pass(where, tiny_pipe, astronaut_reference, monkeypatch):
+    from omniportrait.guidance import rb
+
+    split = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0, feature_pass="split"))
+    with monkeypatch.context() as patch:
+        if where == "backward":
+            patch.setattr(rb.torch.autograd, "grad", out_of_memory_on_first_call(torch.autograd.grad))
+        else:
+            patch.setattr(rb.ReferenceGuidance, "generated_masks",
+                          out_of_memory_on_first_call(rb.ReferenceGuidance.generated_masks))
+        with pytest.warns(UserWarning, match="ran out of GPU memory; it and the later steps use the split pass"):
+            fallen_back = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0))
+    assert fallen_back.guidance.config.feature_pass == "split"
+    assert fallen_back.guidance.record.gradient_steps == split.guidance.record.gradient_steps  # counted once
+    assert np.array_equal(fallen_back.images, split.images)  # the running mean as if split had run all along
+
+
+@pytest.mark.parametrize("config", [RBGuidanceConfig(feature_pass="split"), RBGuidanceConfig(feature_pass="separate")])
+def test_out_of_memory_in_another_pass_is_raised(config, tiny_pipe, astronaut_reference, monkeypatch):
+    from omniportrait.guidance import rb
+
+    monkeypatch.setattr(rb.torch.autograd, "grad", out_of_memory_on_first_call(torch.autograd.grad))
+    with pytest.raises(torch.OutOfMemoryError):
+        run(tiny_pipe, astronaut_reference, rb_guidance=config)

@@ -253,19 +253,24 @@ def asdict_flags(args) -> dict:
 
 
 def out_of_memory_message(args, config: RBGuidanceConfig) -> str:
-    """What to say when the GPU runs out of memory: the options of this run that would lower the peak (not the
-    banded decode: a whole decode that runs out of memory is done in bands without being asked)."""
-    levers = []
-    if config.enabled and config.feature_pass == "cfg":
-        levers.append("--rb-feature-pass split")
+    """What to say when the GPU runs out of memory: the options of this run that would lower the peak. Neither the
+    split feature pass nor the banded decode: a guided ``cfg`` step or a whole decode that runs out of memory is
+    taken again that way without being asked."""
+    advice = []
     if config.enabled and config.recompute == "gelu":
-        levers.append("--rb-recompute projection")
-    advice = [f"{', '.join(levers)} (each lowers the peak without changing the method, docs/guidance.md)"] \
-        if levers else []
+        advice.append("--rb-recompute projection (the same gradient at a lower peak, docs/guidance.md)")
     if args.num_images > 1:
         advice.append("fewer images at once (--num-images)")
     advice.append("a smaller --width/--height")
     return "the GPU ran out of memory; try " + "; or ".join(advice)
+
+
+def record_what_ran(args, output) -> None:
+    """The options that ran, for the sidecar and its reproduce line: a run that ran out of GPU memory went on with
+    the split feature pass, or decoded in bands (each with a warning)."""
+    args.banded_decode = output.decoded_in_bands
+    if output.guidance is not None:
+        args.rb_feature_pass = output.guidance.config.feature_pass
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
     except torch.cuda.OutOfMemoryError as error:
         raise OutOfMemoryError(out_of_memory_message(args, rb_config)) from error
     elapsed = time.perf_counter() - started
+    record_what_ran(args, output)
     for index, (image, path, seed) in enumerate(zip(output.images, paths, seeds)):
         path.parent.mkdir(parents=True, exist_ok=True)
         sims = similarities(identities, image)

@@ -57,11 +57,13 @@ class Conditioning:
 
 @dataclass
 class OmniPortraitOutput:
-    """Images, the identities as bound for this call, and the guidance state (``None`` when it was off)."""
+    """Images, the identities as bound for this call, the guidance state (``None`` when it was off; its ``config``
+    is what ran), and whether the images were decoded in bands (asked for, or after running out of memory)."""
 
     images: list[Image.Image] | torch.Tensor
     identities: list[BoundIdentity] = field(default_factory=list)
     guidance: object = None
+    decoded_in_bands: bool = False
 
 
 def _as_prepared_reference(identity: Identity):
@@ -198,29 +200,35 @@ class OmniPortraitMixin:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str, generator=None):
+        return self.decode_images(latents, output_type, generator)[0]
+
+    @torch.no_grad()
+    def decode_images(self, latents: torch.Tensor, output_type: str, generator=None) -> tuple[object, bool]:
+        """The images, and whether they were decoded in bands (asked for, or after running out of memory)."""
         if output_type == "latent":
-            return latents
+            return latents, False
         with self.vae_in_working_precision() as vae:
             latents = latents.to(vae.dtype) / vae.config.scaling_factor
-            image = self.decode_latents(vae, latents, generator)
-        return self.image_processor.postprocess(image, output_type=output_type)
+            image, banded = self.decode_latents(vae, latents, generator)
+        return self.image_processor.postprocess(image, output_type=output_type), banded
 
-    def decode_latents(self, vae, latents: torch.Tensor, generator=None) -> torch.Tensor:
+    def decode_latents(self, vae, latents: torch.Tensor, generator=None) -> tuple[torch.Tensor, bool]:
         """diffusers' VAE decode, or the banded one when enabled. A whole decode that runs out of GPU memory (SDXL's
         fp32 decode is where its plain generation peaks) is done again in bands, with a warning: the same image up to
         rounding, instead of losing the sampled latents."""
         if self.decode_band_mib is not None:
-            return decode_in_bands(vae, latents, self.decode_band_mib)
+            return decode_in_bands(vae, latents, self.decode_band_mib), True
         try:
-            return vae.decode(latents, return_dict=False, generator=generator)[0]
+            return vae.decode(latents, return_dict=False, generator=generator)[0], False
         except torch.OutOfMemoryError:
             pass  # retried below, once the error's traceback no longer holds the failed decode's tensors
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
         warnings.warn(f"the VAE decode at {width}x{height} ran out of GPU memory; decoded in bands instead (the same "
                       "image up to rounding; --banded-decode or pipe.enable_banded_decode() starts that way)",
-                      stacklevel=3)
-        torch.cuda.empty_cache()
-        return decode_in_bands(vae, latents, DEFAULT_BAND_MIB)
+                      stacklevel=4)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return decode_in_bands(vae, latents, DEFAULT_BAND_MIB), True
 
     @torch.no_grad()
     def __call__(
@@ -263,9 +271,9 @@ class OmniPortraitMixin:
                                    guidance.noise if guidance else None)
         if guidance is not None:
             guidance.finish()
-        images = self.decode(latents, output_type, generator)
+        images, banded = self.decode_images(latents, output_type, generator)
         self.maybe_free_model_hooks()
-        return OmniPortraitOutput(images=images, identities=bound, guidance=guidance)
+        return OmniPortraitOutput(images=images, identities=bound, guidance=guidance, decoded_in_bands=banded)
 
     def reference_guidance(self, config: RBGuidanceConfig | None, bound, height, width, num_images):
         """The RB-Guidance state for this call, or ``None`` when it is off or there is no identity."""
