@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
@@ -104,12 +106,17 @@ def processor_types(unet) -> dict:
     return {name: type(processor) for name, processor in unet.attn_processors.items()}
 
 
-def count_key_projections(unet) -> list[int]:
-    """A counter of the cross-attention key projections run while the returned hooks are on."""
+@contextmanager
+def key_projections_counted(unet):
+    """For the ``with`` block, a counter (``[n]``) of the cross-attention key projections run."""
     calls = [0]
     handles = [module.to_k.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
                for name, module in unet.named_modules() if name.endswith("attn2")]
-    return calls, handles
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -129,8 +136,7 @@ def test_sampling_processor_matches_diffusers_bit_for_bit(unet_and_context):
 def test_context_is_projected_once_per_layer_while_sampling(unet_and_context):
     unet, context, extra = unet_and_context
     layers = len([name for name in unet.attn_processors if "attn2" in name])
-    calls, handles = count_key_projections(unet)
-    try:
+    with key_projections_counted(unet) as calls:
         with sampling_attention(unet) as projections:
             for _ in range(3):
                 run(unet, context, extra)
@@ -141,9 +147,6 @@ def test_context_is_projected_once_per_layer_while_sampling(unet_and_context):
         assert not projections.entries  # dropped with the block
         run(unet, context, extra)
         assert calls[0] == 3 * layers
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -196,18 +199,14 @@ def test_recording_while_sampling_shares_the_projections(unet_and_context):
     layers = len([name for name in unet.attn_processors if "attn2" in name])
     store = AttentionStore([[3]], attention_layers(unet, 4, "attn2"), attention_layers(unet, 4, "attn1"),
                            latent_size=(32, 32), rows=slice(1, 2))
-    calls, handles = count_key_projections(unet)
     projections = ContextProjections()
-    try:
+    with key_projections_counted(unet) as calls:
         with sampling_attention(unet, projections):
             run(unet, context, extra)
             with record_attention(unet, store):
                 recorded = run(unet, context, extra)
         assert calls[0] == layers
         assert projections.entries  # given by the caller: kept after the block
-    finally:
-        for handle in handles:
-            handle.remove()
     assert torch.equal(recorded, run(unet, context, extra))
     assert store.cross_maps
 
@@ -330,17 +329,13 @@ def test_a_dropout_that_drops_nothing_is_not_called():
 def test_a_projection_frozen_inside_the_block_is_cached_from_then_on(unet_and_context):
     unet, context, extra = unet_and_context
     layers = len([name for name in unet.attn_processors if "attn2" in name])
-    calls, handles = count_key_projections(unet)
-    try:
+    with key_projections_counted(unet) as calls:
         with torch.enable_grad(), sampling_attention(unet):
             run(unet, context, extra)  # the weights require grad: projected afresh
             with weights_frozen(unet):
                 run(unet, context, extra)
                 run(unet, context, extra)
         assert calls[0] == 2 * layers
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
