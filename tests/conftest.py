@@ -44,6 +44,20 @@ def max_abs_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
+def out_of_memory_on_calls(call, first: int = 1, last: int | None = None):
+    """``call``, raising CUDA's out-of-memory error on its calls numbered ``first`` to ``last`` (counted from 1;
+    ``last=None``: every call from ``first`` on)."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= first and (last is None or len(calls) <= last):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return call(*args, **kwargs)
+
+    return failing
+
+
 def build(arch: str, ours: bool = True, with_pie: bool = True):
     tiny = tiny_components(arch)
     cls = OURS[arch] if ours else THEIRS[arch]

@@ -179,16 +179,9 @@ def test_without_plain_there_are_times_but_no_ratios(monkeypatch, astronaut_refe
 def test_a_variant_that_fell_back_after_running_out_of_memory_is_not_timed_as_itself(monkeypatch,
                                                                                      astronaut_reference):
     from omniportrait.guidance import rb
+    from tests.conftest import out_of_memory_on_calls
 
-    grad, calls = torch.autograd.grad, []
-
-    def out_of_memory_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return grad(*args, **kwargs)
-
-    monkeypatch.setattr(rb.torch.autograd, "grad", out_of_memory_once)
+    monkeypatch.setattr(rb.torch.autograd, "grad", out_of_memory_on_calls(torch.autograd.grad, last=1))
     config = BenchConfig("tiny-sd15", steps=2, repeats=1, variants=("rb-cfg", "rb-split"))
     with pytest.warns(UserWarning) as caught:
         plain, cfg, split = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32)

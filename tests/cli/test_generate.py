@@ -140,16 +140,12 @@ def test_a_run_that_ran_out_of_memory_records_what_it_fell_back_to(monkeypatch, 
     from diffusers import AutoencoderKL
 
     from omniportrait.guidance import rb
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    from tests.conftest import out_of_memory_on_calls
 
     out, again = tmp_path / "a.png", tmp_path / "again.png"
-    with monkeypatch.context() as patch:
-        grad, calls = torch.autograd.grad, []
-        patch.setattr(rb.torch.autograd, "grad", lambda *args, **kwargs: calls.append(1) or (
-            out_of_memory() if len(calls) == 1 else grad(*args, **kwargs)))  # the first guided step's backward
-        patch.setattr(AutoencoderKL, "decode", out_of_memory)
+    with monkeypatch.context() as patch:  # the first guided step's backward, and every whole decode
+        patch.setattr(rb.torch.autograd, "grad", out_of_memory_on_calls(torch.autograd.grad, last=1))
+        patch.setattr(AutoencoderKL, "decode", out_of_memory_on_calls(AutoencoderKL.decode))
         assert generate("--reference", astronaut_path, "--prompt", "a woman on the beach", "--out", str(out)) == 0
     err = capsys.readouterr().err
     assert "it and the later steps use the split pass" in err and "decoded in bands instead" in err

@@ -8,6 +8,7 @@ from omniportrait.guidance import RBGuidanceConfig
 from omniportrait.guidance.mask import resize_mask
 from omniportrait.guidance.rb import ReferenceGuidance
 from omniportrait.pipelines import Identity
+from tests.conftest import out_of_memory_on_calls
 
 PROMPT = "a photo of a woman on the beach"
 TWO = "a man and a woman on the beach"
@@ -185,19 +186,6 @@ def test_half_precision_gradient_does_not_underflow(astronaut_reference):
     assert gradient.abs().max() > 0
 
 
-def out_of_memory_on_first_call(call):
-    """``call``, raising CUDA's out-of-memory error on its first call only."""
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return call(*args, **kwargs)
-
-    return failing
-
-
 @pytest.mark.parametrize("where", ["generated_masks", "backward"])  # before / after the running mean is updated
 def test_a_cfg_step_out_of_memory_goes_on_with_the_split_pass(where, tiny_pipe, astronaut_reference, monkeypatch):
     from omniportrait.guidance import rb
@@ -205,10 +193,10 @@ def test_a_cfg_step_out_of_memory_goes_on_with_the_split_pass(where, tiny_pipe, 
     split = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0, feature_pass="split"))
     with monkeypatch.context() as patch:
         if where == "backward":
-            patch.setattr(rb.torch.autograd, "grad", out_of_memory_on_first_call(torch.autograd.grad))
+            patch.setattr(rb.torch.autograd, "grad", out_of_memory_on_calls(torch.autograd.grad, last=1))
         else:
             patch.setattr(rb.ReferenceGuidance, "generated_masks",
-                          out_of_memory_on_first_call(rb.ReferenceGuidance.generated_masks))
+                          out_of_memory_on_calls(rb.ReferenceGuidance.generated_masks, last=1))
         with pytest.warns(UserWarning, match="ran out of GPU memory; it and the later steps use the split pass"):
             fallen_back = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0))
     assert fallen_back.guidance.config.feature_pass == "split"
@@ -220,6 +208,6 @@ def test_a_cfg_step_out_of_memory_goes_on_with_the_split_pass(where, tiny_pipe, 
 def test_out_of_memory_in_another_pass_is_raised(config, tiny_pipe, astronaut_reference, monkeypatch):
     from omniportrait.guidance import rb
 
-    monkeypatch.setattr(rb.torch.autograd, "grad", out_of_memory_on_first_call(torch.autograd.grad))
+    monkeypatch.setattr(rb.torch.autograd, "grad", out_of_memory_on_calls(torch.autograd.grad, last=1))
     with pytest.raises(torch.OutOfMemoryError):
         run(tiny_pipe, astronaut_reference, rb_guidance=config)

@@ -6,7 +6,7 @@ import torch
 
 from omniportrait.errors import ConfigError
 from omniportrait.models.banded_decode import DEFAULT_BAND_MIB
-from tests.conftest import build
+from tests.conftest import build, out_of_memory_on_calls
 
 
 def vae_input_dtypes(pipe) -> list[torch.dtype]:
@@ -68,7 +68,7 @@ def test_a_decode_that_runs_out_of_memory_is_done_in_bands(arch, monkeypatch):
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     whole = pipe.decode(latents, "np")
     bands, decode_in_bands = [], base.decode_in_bands
-    monkeypatch.setattr(pipe.vae, "decode", out_of_memory_from(pipe.vae.decode, 1))
+    monkeypatch.setattr(pipe.vae, "decode", out_of_memory_on_calls(pipe.vae.decode))
     monkeypatch.setattr(base, "decode_in_bands", lambda *args: bands.append(args[2]) or decode_in_bands(*args))
     with pytest.warns(UserWarning, match="ran out of GPU memory; decoded in bands instead"):
         banded, in_bands = pipe.decode_images(latents, "np")
@@ -106,19 +106,6 @@ def pipeline_state(pipe) -> tuple:
     return dict(pipe.unet.attn_processors), forwards, [p.requires_grad for p in pipe.unet.parameters()]
 
 
-def out_of_memory_from(call, first: int):
-    """``call``, raising CUDA's out-of-memory error from its ``first``-th call on."""
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) >= first:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return call(*args, **kwargs)
-
-    return failing
-
-
 @pytest.mark.filterwarnings("ignore:a guided step with the batched cfg feature pass ran out of GPU memory")
 @pytest.mark.parametrize("where", ["scheduler step", "guided backward"])
 def test_a_generation_that_fails_midway_leaves_the_pipeline_as_it_was(arch, astronaut_reference, monkeypatch,
@@ -136,9 +123,9 @@ def test_a_generation_that_fails_midway_leaves_the_pipeline_as_it_was(arch, astr
     before = pipeline_state(pipe)
     with monkeypatch.context() as patch:  # 4 DDIM steps, the last three guided (t <= 0.6 T)
         if where == "scheduler step":
-            patch.setattr(pipe.scheduler, "step", out_of_memory_from(pipe.scheduler.step, 3))
+            patch.setattr(pipe.scheduler, "step", out_of_memory_on_calls(pipe.scheduler.step, 3))
         else:  # inside the guided step (gates recomputed, grad enabled), and again in the split pass it falls back to
-            patch.setattr(rb.torch.autograd, "grad", out_of_memory_from(torch.autograd.grad, 3))
+            patch.setattr(rb.torch.autograd, "grad", out_of_memory_on_calls(torch.autograd.grad, 3))
         with pytest.raises(torch.OutOfMemoryError):
             generate(pipe)
     assert pipeline_state(pipe) == before
