@@ -287,3 +287,34 @@ def test_after_the_warm_up_a_step_reads_no_host_tensor(feature_pass, arch, astro
 
     assert steps()  # the warm-up makes the identities' token indicator on the host, once per call
     assert steps() == []  # what a capture would record
+
+
+def test_every_capture_on_a_device_runs_on_one_side_stream(monkeypatch):
+    """cuBLAS keeps a workspace per stream for the life of the process: a stream per capture would leak it."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from omniportrait.guidance import graph
+
+    class FakeStream:
+        made = 0
+
+        def __init__(self, device):
+            FakeStream.made += 1
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    current = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current)
+    graph.side_stream.cache_clear()
+    try:
+        first, second = graph.CudaGraphs(), graph.CudaGraphs()
+        for backend in (first, second, first):
+            backend.warm_up(lambda x: x + 1, (torch.zeros(1),))
+        assert first.stream is second.stream and isinstance(first.stream, FakeStream)
+        assert FakeStream.made == 1
+    finally:
+        graph.side_stream.cache_clear()
