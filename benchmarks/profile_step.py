@@ -15,6 +15,7 @@ waits on the GPU or on Python; last, the source lines where a step makes the CPU
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 import warnings
 from collections import Counter
@@ -86,7 +87,9 @@ def sync_points(call) -> Counter:
 
 def graph_agreement(pipe, reference, size: int, steps: int = 10) -> str:
     """Final latents of a short generation with the guided steps as CUDA graphs against eager ones, per graphed
-    feature pass (the same kernels run, so the difference should be at rounding level)."""
+    feature pass (the same kernels run, so the difference should be at rounding level), and the memory a graphed
+    generation leaves allocated once its output is gone, before and after a garbage collection (none is expected).
+    Run on the pipeline as loaded: :func:`step_calls` installs processors a generation does not record with."""
     from omniportrait.guidance import RBGuidanceConfig
     from omniportrait.pipelines import Identity
 
@@ -97,8 +100,14 @@ def graph_agreement(pipe, reference, size: int, steps: int = 10) -> str:
 
     lines = []
     for name in GRAPHED_PASSES:
-        eager, graphed = latents(feature_pass=name), latents(feature_pass=name, cuda_graph=True)
-        lines.append(f"{name} max|Δ| {(graphed - eager).abs().max():.2e} (max |z| {eager.abs().max():.2f})")
+        eager = latents(feature_pass=name)
+        before = torch.cuda.memory_allocated()
+        graphed = latents(feature_pass=name, cuda_graph=True)
+        left = (torch.cuda.memory_allocated() - before) / 2**20
+        gc.collect()
+        collected = (torch.cuda.memory_allocated() - before) / 2**20
+        lines.append(f"{name} max|Δ| {(graphed - eager).abs().max():.2e} (max |z| {eager.abs().max():.2f}), "
+                     f"left allocated {left:.0f} MiB, {collected:.0f} MiB after gc")
     return f"graph vs eager latents after {steps} steps: " + "; ".join(lines)
 
 
@@ -132,6 +141,8 @@ def main() -> None:
     device, dtype = placement(args.model, torch.device("cuda"), torch.float16)
     pipe, _ = model_pipeline(args.model, device, dtype)
     reference = prepare_reference(load_image(args.reference))
+    if device.type == "cuda":
+        print(graph_agreement(pipe, reference, size), flush=True)
     calls = step_calls(pipe, reference, size, device)
     weights = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     print(f"{args.model} {size}x{size}, {device_name(device)}, {dtype}; weights {weights:.2f} GiB")
@@ -141,8 +152,6 @@ def main() -> None:
           flush=True)
     print("ms: " + ", ".join(f"{name} {measured(lambda c: timed_ms(c, args.repeats), call, 1)}"
                              for name, call in calls.items()), flush=True)
-    if device.type == "cuda":
-        print(graph_agreement(pipe, reference, size), flush=True)
     print(kernel_table(calls[f"guided-{args.feature_pass}"]))
     print(kernel_table(calls["plain"]).replace("one guided step", "one plain step", 1))
     if device.type == "cuda":
