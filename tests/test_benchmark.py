@@ -191,3 +191,13 @@ def test_a_variant_that_fell_back_after_running_out_of_memory_is_not_timed_as_it
     assert cfg.error == ("OutOfMemoryError: ran out of GPU memory and went on with the split pass, so the time "
                          "is not this variant's")
     assert split.error is None and split.ratio > 0
+
+
+def test_memory_is_released_before_every_call(monkeypatch, astronaut_reference):
+    from omniportrait import benchmark
+
+    events = []
+    monkeypatch.setattr(benchmark, "release_memory", lambda device: events.append("release"))
+    config = BenchConfig("tiny-sd15", steps=1, repeats=1, variants=("rb-off",))
+    run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_call=events.append)
+    assert events == ["release"] + ["release", PLAIN, "release", "rb-off"] * 2  # the model's, then each call's
