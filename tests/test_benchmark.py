@@ -7,6 +7,7 @@ import torch
 
 from omniportrait.benchmark import (
     PLAIN,
+    PLAIN_AFTER,
     BenchConfig,
     PeakBeforeDecode,
     format_row,
@@ -56,12 +57,22 @@ def test_cuda_graph_variants_run_on_cuda_only():
     assert config.variants_on(torch.device("cuda")) == config.all_variants
 
 
+def test_plain_is_timed_before_ours_run_and_again_after():
+    config = BenchConfig("tiny-sd15", repeats=2, variants=("rb-off", "rb-cfg"))
+    assert config.schedule(torch.device("cpu")) == [
+        (PLAIN, False), (PLAIN, True), (PLAIN, True),  # warmed up and timed before any of ours has run
+        ("rb-off", False), ("rb-cfg", False), ("rb-off", True), ("rb-cfg", True), ("rb-off", True), ("rb-cfg", True),
+        (PLAIN_AFTER, True), (PLAIN_AFTER, True)]
+    assert BenchConfig("tiny-sd15", repeats=2, variants=(PLAIN,)).schedule(torch.device("cpu")) == [
+        (PLAIN, False), (PLAIN, True), (PLAIN, True)]  # nothing of ours ran: no second plain
+
+
 def test_rows_start_with_plain_and_are_ratios_to_it(astronaut_reference):
     config = BenchConfig("tiny-sd15", steps=3, repeats=1, variants=("rb-off", "rb-cfg-interval-2"))
     seen = []
     rows = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_call=seen.append)
-    assert [row.variant for row in rows] == [PLAIN, "rb-off", "rb-cfg-interval-2"]
-    assert seen == [PLAIN, "rb-off", "rb-cfg-interval-2"] * 2  # a warm-up round, then the timed round
+    assert [row.variant for row in rows] == [PLAIN, "rb-off", "rb-cfg-interval-2", PLAIN_AFTER]
+    assert seen == [PLAIN] * 2 + ["rb-off", "rb-cfg-interval-2"] * 2 + [PLAIN_AFTER]
     assert rows[0].ratio == 1.0
     for row in rows:
         assert row.seconds > 0 and row.peak_gib is None and row.sampling_peak_gib is None
@@ -94,7 +105,7 @@ def test_banded_variants_decode_in_bands_and_the_others_do_not(monkeypatch, astr
     config = BenchConfig("tiny-sd15", steps=1, repeats=1, variants=("rb-off-banded", "rb-off"))
     seen = []
     run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_call=seen.append)
-    assert seen == [PLAIN, "rb-off-banded", "rb-off"] * 2
+    assert seen == [PLAIN] * 2 + ["rb-off-banded", "rb-off"] * 2 + [PLAIN_AFTER]
     assert banded_calls == [DEFAULT_BAND_MIB] * 2  # the banded variant's warm-up and timed calls, no other
 
 
@@ -157,7 +168,7 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch, ast
     seen = []
     with pytest.warns(UserWarning, match="rb-cfg failed: OutOfMemoryError: CUDA out of memory"):
         rows = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_call=seen.append)
-    assert seen == [PLAIN, "rb-cfg", "rb-off", PLAIN, "rb-off", PLAIN, "rb-off"]  # not tried again after failing
+    assert seen == [PLAIN] * 3 + ["rb-cfg", "rb-off", "rb-off", "rb-off"] + [PLAIN_AFTER] * 2  # not tried again
     failed, off = rows[1], rows[2]
     assert failed.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"  # its first line
     assert failed.seconds is None and failed.ratio is None
@@ -171,8 +182,9 @@ def test_without_plain_there_are_times_but_no_ratios(monkeypatch, astronaut_refe
     monkeypatch.setattr(benchmark, "variant_calls", failing((PLAIN,)))
     config = BenchConfig("tiny-sd15", steps=1, repeats=1, variants=("rb-off",))
     with pytest.warns(UserWarning, match=f"{PLAIN} failed"):
-        plain, off = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32)
+        plain, off, after = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32)
     assert plain.error is not None and off.seconds > 0 and off.ratio is None
+    assert after.error == plain.error  # not called again
     assert format_row(off).split()[:3] == ["rb-off", f"{off.seconds:.3f}", "n/a"]
 
 
@@ -184,7 +196,7 @@ def test_a_variant_that_fell_back_after_running_out_of_memory_is_not_timed_as_it
     monkeypatch.setattr(rb.torch.autograd, "grad", out_of_memory_on_calls(torch.autograd.grad, last=1))
     config = BenchConfig("tiny-sd15", steps=2, repeats=1, variants=("rb-cfg", "rb-split"))
     with pytest.warns(UserWarning) as caught:
-        plain, cfg, split = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32)
+        plain, cfg, split, _ = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32)
     messages = [str(warning.message) for warning in caught]
     assert any("use the split pass" in message for message in messages)  # the pipeline's
     assert any(message.startswith("rb-cfg failed") for message in messages)  # the bench's
@@ -200,4 +212,5 @@ def test_memory_is_released_before_every_call(monkeypatch, astronaut_reference):
     monkeypatch.setattr(benchmark, "release_memory", lambda device: events.append("release"))
     config = BenchConfig("tiny-sd15", steps=1, repeats=1, variants=("rb-off",))
     run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_call=events.append)
-    assert events == ["release"] + ["release", PLAIN, "release", "rb-off"] * 2  # the model's, then each call's
+    assert events == ["release"] + [event for name in [PLAIN] * 2 + ["rb-off"] * 2 + [PLAIN_AFTER]
+                                    for event in ("release", name)]  # the model's, then before each call

@@ -33,6 +33,7 @@ from omniportrait.guidance import RBGuidanceConfig
 
 PROMPT = "a photo of a woman riding a bicycle"
 PLAIN = "diffusers-plain"
+PLAIN_AFTER = f"{PLAIN}-after"  # the same pipeline timed again once ours have run (a row of the report, no variant)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,18 @@ class BenchConfig:
     def variants_on(self, device: torch.device) -> tuple[str, ...]:
         """:attr:`all_variants` that run on ``device``: CUDA-graph variants need CUDA."""
         return tuple(name for name in self.all_variants if device.type == "cuda" or not VARIANTS[name].needs_cuda)
+
+    def schedule(self, device: torch.device) -> list[tuple[str, bool]]:
+        """The run's calls in order, each with whether it is timed. Diffusers' plain pipeline is warmed up and timed
+        first, before any of ours has run in the process; ours are warmed up once each, then timed in rounds (a, b,
+        …, a, b, …) so that a machine's slow drift falls on each alike; last, plain is timed again as
+        :data:`PLAIN_AFTER`, whose ratio to plain shows drift and anything our calls left that slows diffusers (on
+        the H100, plain took 4.88 s after ours against 3.61 s in a process of its own)."""
+        ours = self.variants_on(device)[1:]
+        schedule = [(PLAIN, timed) for timed in [False] + [True] * self.repeats]
+        for timed_round in range(self.repeats + 1):
+            schedule += [(name, timed_round > 0) for name in ours]
+        return schedule + [(PLAIN_AFTER, True)] * (self.repeats if ours else 0)
 
     @property
     def guided_steps(self) -> int:
@@ -283,37 +296,39 @@ def fallback_of(variant: Variant, output) -> str | None:
 
 def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: torch.dtype,
                   on_call: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """One row per variant that runs on ``device``, diffusers' plain pipeline first: its best time, ratio to plain,
-    and highest peak.
+    """One row per variant that runs on ``device``, diffusers' plain pipeline first and timed again last
+    (:data:`PLAIN_AFTER`): its best time, ratio to plain, and highest peak, in the order of
+    :meth:`BenchConfig.schedule`.
 
-    Every variant is warmed up once, then all are timed in rounds (plain, a, b, …, plain, a, b, …) so that a
-    machine's slow drift falls on every variant alike. Memory is released before every call, so that no call's peak
-    counts what the one before left for the garbage collector (on the H100, ~0.1 GiB more per CUDA-graph variant run
-    before). ``on_call`` is told each call's variant, for progress. A variant whose call raises (CUDA out of memory,
+    Memory is released before every call, so that no call's peak counts what the one before left for the garbage
+    collector. ``on_call`` is told each call's row, for progress. A variant whose call raises (CUDA out of memory,
     say) is reported with the error, with a warning, and not called again; the others go on.
     """
     release_memory(device)  # an earlier model's
     parts, pivot_encoder = model_components(config.model, device, dtype)
     calls = variant_calls(config, parts, pivot_encoder, reference, device)
     before_decode = PeakBeforeDecode(parts["vae"], lambda: allocator_peak_gib(device))
-    times = {name: VariantTimes() for name in calls}
+    schedule = config.schedule(device)
+    times = {name: VariantTimes() for name, _ in schedule}
     with torch.no_grad():
-        for timed_round in range(config.repeats + 1):
-            for name in [name for name in calls if times[name].error is None]:
-                before_decode.gib = None
-                release_memory(device)
-                try:
-                    seconds, peak = timed_once(calls[name], device)
-                except Exception as error:  # reported in the variant's row
-                    times[name].error = failure(error)
-                else:
-                    if timed_round > 0:  # round 0 warms up
-                        times[name].add(seconds, peak, before_decode.gib)
-                if times[name].error is not None:  # its tensors are freed before the next call, outside the except
-                    warnings.warn(f"{name} failed: {times[name].error}; the other variants go on", stacklevel=2)
-                if on_call is not None:
-                    on_call(name)
-    return [times[name].row(name, times[PLAIN]) for name in calls]
+        for name, timed in schedule:
+            called = PLAIN if name == PLAIN_AFTER else name
+            if times[called].error is not None:  # failed before: not called again
+                times[name].error = times[called].error
+                continue
+            before_decode.gib = None
+            release_memory(device)
+            try:
+                seconds, peak = timed_once(calls[called], device)
+            except Exception as error:  # reported in the variant's row
+                times[name].error = failure(error)
+                warnings.warn(f"{name} failed: {times[name].error}; the other variants go on", stacklevel=2)
+            else:
+                if timed:
+                    times[name].add(seconds, peak, before_decode.gib)
+            if on_call is not None:
+                on_call(name)
+    return [times[name].row(name, times[PLAIN]) for name in times]
 
 
 def failure(error: BaseException) -> str:

@@ -16,7 +16,7 @@ def test_prints_a_table_and_writes_json(tmp_path, astronaut_path, capsys):
     assert "tiny-sdxl 64x64, 2 steps" in printed and "diffusers-plain" in printed and "rb-cfg" in printed
     (report,) = json.loads(out.read_text())
     assert report["model"] == "tiny-sdxl" and report["device"] == "cpu" and report["dtype"] == "float32"
-    assert [row["variant"] for row in report["rows"]] == ["diffusers-plain", "rb-cfg"]
+    assert [row["variant"] for row in report["rows"]] == ["diffusers-plain", "rb-cfg", "diffusers-plain-after"]
     assert report["rows"][0]["ratio"] == 1.0
 
 
@@ -58,7 +58,8 @@ def test_a_failing_variant_exits_1_after_the_whole_report(monkeypatch, tmp_path,
     assert printed.err.splitlines()[-1] == "tiny-sd15: rb-cfg failed (OutOfMemoryError: boom)"
     (report,) = json.loads(out.read_text())
     assert [(row["variant"], row["error"]) for row in report["rows"]] == [
-        ("diffusers-plain", None), ("rb-cfg", "OutOfMemoryError: boom"), ("rb-off", None)]
+        ("diffusers-plain", None), ("rb-cfg", "OutOfMemoryError: boom"), ("rb-off", None),
+        ("diffusers-plain-after", None)]
 
 
 def test_each_model_is_written_as_it_finishes_and_a_model_that_fails_does_not_stop_the_next(
@@ -84,7 +85,7 @@ def test_each_model_is_written_as_it_finishes_and_a_model_that_fails_does_not_st
     failed, done = json.loads(out.read_text())
     assert failed == {"model": "tiny-sd15", "error": "OutOfMemoryError: CUDA out of memory while loading",
                       "rows": []}
-    assert done["model"] == "tiny-sdxl" and len(done["rows"]) == 2
+    assert done["model"] == "tiny-sdxl" and len(done["rows"]) == 3  # plain, rb-off, plain after
     printed = capsys.readouterr()
     assert "tiny-sd15 failed: OutOfMemoryError: CUDA out of memory while loading" in printed.out
     assert "tiny-sdxl 64x64, 1 steps" in printed.out

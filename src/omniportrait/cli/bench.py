@@ -31,11 +31,12 @@ from omniportrait.files import write_json_atomic
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="time our pipelines against diffusers' plain pipeline, side by side",
-        description="Wall time (best of --repeats rounds over all variants, after a warm-up round) and CUDA "
-                    "peak memory of diffusers' plain pipeline, ours with RB-Guidance off, and the full method in "
-                    "each variant, on the same components, prompt, seed and steps, in one run. Prints ratios "
-                    "to plain. A variant or model that fails (CUDA out of memory, say) is reported in its place, "
-                    "the others still run, and the exit status is then 1.",
+        description="Wall time (best of --repeats timed calls, after a warm-up call) and CUDA peak memory of "
+                    "diffusers' plain pipeline, ours with RB-Guidance off, and the full method in each variant, on "
+                    "the same components, prompt, seed and steps, in one run. Plain is timed before any of ours "
+                    "runs, ours in rounds over the variants, then plain again (diffusers-plain-after: drift, or "
+                    "something our calls left). Prints ratios to plain. A variant or model that fails (CUDA out of "
+                    "memory, say) is reported in its place, the others still run, and the exit status is then 1.",
     )
     p.add_argument("--reference", required=True, help="face photo for the identity, e.g. examples/astronaut.jpg")
     p.add_argument("--models", nargs="+", default=None, choices=list(MODELS), metavar="MODEL",
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> None:
                    help=f"any of {', '.join(VARIANTS)} (default: all; {PLAIN} always runs first)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50, the paper's)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="timed rounds over all variants after one warm-up round (each keeps its best)")
+                   help="timed calls of each variant after one warm-up call (each keeps its best)")
     p.add_argument("--size", type=int, default=None,
                    help="image side (default: 64 tiny, 16 twin, 512 SD1.5, 1024 SDXL)")
     p.add_argument("--device", default="auto", help="device of the random-* models: auto, cpu, cuda, cuda:N; "
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             warnings.warn(f"{config.model} is slow on the CPU (seconds to minutes per step); use few --steps or a GPU",
                           stacklevel=1)
         try:
-            with tqdm(total=(config.repeats + 1) * len(config.variants_on(model_device)), desc=config.model,
+            with tqdm(total=len(config.schedule(model_device)), desc=config.model,
                       unit="call", file=sys.stderr, leave=False) as bar:
                 rows = benchmark.run_benchmark(config, reference, model_device, dtype, on_call=lambda _: bar.update())
         except Exception as error:  # e.g. its weights do not fit: the next model still runs
