@@ -100,7 +100,7 @@ def graph_agreement(pipe, reference, size: int, steps: int = 10) -> str:
 
     lines = []
     for name in GRAPHED_PASSES:
-        eager = latents(feature_pass=name)
+        eager = latents(feature_pass=name, cuda_graph=False)
         before = torch.cuda.memory_allocated()
         graphed = latents(feature_pass=name, cuda_graph=True)
         left = (torch.cuda.memory_allocated() - before) / 2**20

@@ -46,26 +46,27 @@ class Variant:
 
     @property
     def needs_cuda(self) -> bool:
-        return self.guidance is not None and self.guidance.cuda_graph
+        return self.guidance is not None and self.guidance.cuda_graph is True
 
 
+EAGER, GRAPHED = RBGuidanceConfig(cuda_graph=False), RBGuidanceConfig(cuda_graph=True)  # "-graph" names the latter
 VARIANTS: dict[str, Variant] = {
     PLAIN: Variant(None),
     "rb-off": Variant(RBGuidanceConfig(enabled=False)),
-    "rb-cfg": Variant(RBGuidanceConfig()),
-    "rb-split": Variant(RBGuidanceConfig(feature_pass="split")),
-    "rb-separate": Variant(RBGuidanceConfig(feature_pass="separate")),
-    "rb-cfg-interval-2": Variant(RBGuidanceConfig(gradient_interval=2)),
-    "rb-split-interval-2": Variant(RBGuidanceConfig(feature_pass="split", gradient_interval=2)),
-    "rb-separate-interval-2": Variant(RBGuidanceConfig(feature_pass="separate", gradient_interval=2)),
-    "rb-cfg-graph": Variant(RBGuidanceConfig(cuda_graph=True)),
-    "rb-split-graph": Variant(RBGuidanceConfig(feature_pass="split", cuda_graph=True)),
-    "rb-split-interval-2-graph": Variant(RBGuidanceConfig(feature_pass="split", gradient_interval=2, cuda_graph=True)),
+    "rb-cfg": Variant(EAGER),
+    "rb-split": Variant(replace(EAGER, feature_pass="split")),
+    "rb-separate": Variant(replace(EAGER, feature_pass="separate")),
+    "rb-cfg-interval-2": Variant(replace(EAGER, gradient_interval=2)),
+    "rb-split-interval-2": Variant(replace(EAGER, feature_pass="split", gradient_interval=2)),
+    "rb-separate-interval-2": Variant(replace(EAGER, feature_pass="separate", gradient_interval=2)),
+    "rb-cfg-graph": Variant(GRAPHED),
+    "rb-split-graph": Variant(replace(GRAPHED, feature_pass="split")),
+    "rb-split-interval-2-graph": Variant(replace(GRAPHED, feature_pass="split", gradient_interval=2)),
     "rb-off-banded": Variant(RBGuidanceConfig(enabled=False), banded_decode=True),
-    "rb-split-graph-banded": Variant(RBGuidanceConfig(feature_pass="split", cuda_graph=True), banded_decode=True),
-    "rb-cfg-gelu": Variant(RBGuidanceConfig(recompute="gelu")),
-    "rb-cfg-banded": Variant(RBGuidanceConfig(), banded_decode=True),
-    "rb-cfg-graph-banded": Variant(RBGuidanceConfig(cuda_graph=True), banded_decode=True),
+    "rb-split-graph-banded": Variant(replace(GRAPHED, feature_pass="split"), banded_decode=True),
+    "rb-cfg-gelu": Variant(replace(EAGER, recompute="gelu")),
+    "rb-cfg-banded": Variant(EAGER, banded_decode=True),
+    "rb-cfg-graph-banded": Variant(GRAPHED, banded_decode=True),
 }
 # the feature passes step_calls also times as CUDA graphs, and with only the feed-forward's gate recomputed
 GRAPHED_PASSES = ("cfg", "split")
@@ -463,8 +464,8 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
     t = pipe.scheduler.timesteps[30]
     side = size // pipe.vae_scale_factor
     latents = torch.randn(1, 4, side, side, device=device, dtype=pipe.unet.dtype)
-    configs = {name: RBGuidanceConfig(feature_pass=name) for name in FEATURE_PASSES}
-    configs.update({f"{name}-gelu": RBGuidanceConfig(feature_pass=name, recompute="gelu") for name in GRAPHED_PASSES})
+    configs = {name: replace(EAGER, feature_pass=name) for name in FEATURE_PASSES}
+    configs.update({f"{name}-gelu": replace(configs[name], recompute="gelu") for name in GRAPHED_PASSES})
     if graphs is None:
         graphs = device.type == "cuda"
     if graphs:  # captured once, replayed on the later calls

@@ -31,6 +31,17 @@ def test_writes_png_and_sidecar_and_is_reproducible(tmp_path, astronaut_path, ca
     again = tmp_path / "b.png"
     assert main(meta["reproduce"][1:-2] + ["--out", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    # CUDA graphs left to the run: eager on the CPU, and the reproducing machine decides for itself
+    assert meta["rb_guidance"]["cuda_graph"] is None and meta["parameters"]["cuda_graph"] is False
+    assert not any("cuda-graph" in arg for arg in meta["reproduce"])
+
+
+def test_eager_steps_asked_for_stay_in_the_reproduce_line(tmp_path, astronaut_path):
+    out = tmp_path / "a.png"
+    assert generate("--reference", astronaut_path, "--prompt", "a woman on the beach", "--out", str(out),
+                    "--no-rb-cuda-graph") == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["rb_guidance"]["cuda_graph"] is False and "--no-rb-cuda-graph" in meta["reproduce"]
 
 
 def test_guidance_options_and_banded_decode_reach_the_run_and_the_reproduce_line(tmp_path, astronaut_path):

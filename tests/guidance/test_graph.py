@@ -92,8 +92,8 @@ class EmulatedGraphs:
     calls = {"warm_up": 0, "capture": 0, "replay": 0}
 
     @staticmethod
-    def check(device):
-        pass
+    def problem(device):
+        return None
 
     @staticmethod
     def warm_up(fn, inputs):
@@ -160,7 +160,7 @@ def test_a_step_that_waits_for_the_device_is_not_captured_and_runs_eagerly(step,
 
 # ----- guided generations ------------------------------------------------------------------------------------
 def generate(pipe, reference, **config):
-    config = {"strength": 5000.0, **config}
+    config = {"strength": 5000.0, "cuda_graph": False, **config}  # eager unless asked: the emulation can capture
     return pipe(PROMPT, [Identity(reference, "woman")], num_inference_steps=6, output_type="np",
                 generator=torch.Generator().manual_seed(0), rb_guidance=RBGuidanceConfig(**config))
 
@@ -193,7 +193,7 @@ def test_two_identities_and_two_images_replay_as_they_run_eagerly(emulated, tiny
                          num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
                          rb_guidance=RBGuidanceConfig(strength=5000.0, start=1.0, **config)).images
 
-    eager = images()
+    eager = images(cuda_graph=False)
     assert np.abs(eager - images(enabled=False)).max() > 1e-3
     assert np.abs(images(cuda_graph=True) - eager).max() < 1e-5
 
@@ -251,8 +251,63 @@ def test_a_scheduler_that_scales_the_model_input_is_a_clear_error(emulated, tiny
         with pytest.raises(ConfigError, match="EulerDiscreteScheduler does"):  # refused before sampling starts
             ReferenceGuidance(tiny_pipe, RBGuidanceConfig(cuda_graph=True), bound, 64, 64, 1)
         assert tiny_pipe.scheduler.step_index is None  # probed on a copy
+        assert not ReferenceGuidance(tiny_pipe, RBGuidanceConfig(), bound, 64, 64, 1).config.cuda_graph  # left to us
     finally:
         tiny_pipe.scheduler = ddim
+
+
+# ----- the default: on where the steps can be captured -------------------------------------------------------
+def test_left_to_us_the_steps_are_captured_where_they_can_be(emulated, tiny_pipe, astronaut_reference):
+    out = generate(tiny_pipe, astronaut_reference, cuda_graph=None)
+    assert out.guidance.config.cuda_graph is True and emulated.calls["capture"] == 2
+    assert np.abs(out.images - generate(tiny_pipe, astronaut_reference).images).max() < 1e-5
+
+
+def test_left_to_us_the_steps_run_eagerly_on_the_cpu(tiny_pipe, astronaut_reference):
+    out = generate(tiny_pipe, astronaut_reference, cuda_graph=None)  # the real backend: no CUDA here
+    assert out.guidance.config.cuda_graph is False
+
+
+def test_an_offloaded_unet_runs_eagerly_unless_graphs_are_asked_for(emulated, tiny_pipe, astronaut_reference):
+    bound = tiny_pipe.bind_identities(PROMPT, [Identity(astronaut_reference, "woman")])
+    block = tiny_pipe.unet.down_blocks[0]
+    block._hf_hook = object()  # what accelerate's offloading attaches to the modules it moves
+    try:
+        assert ReferenceGuidance(tiny_pipe, RBGuidanceConfig(), bound, 64, 64, 1).config.cuda_graph is False
+        with pytest.raises(ConfigError, match="CPU offloading"):
+            ReferenceGuidance(tiny_pipe, RBGuidanceConfig(cuda_graph=True), bound, 64, 64, 1)
+    finally:
+        del block._hf_hook
+    assert emulated.calls["capture"] == 0
+
+
+@pytest.mark.parametrize("failing, warned, feature_pass, graphs, captures", [
+    ({1}, ["eager"], "cfg", False, 0),  # the unguided step's: every step eager
+    ({2}, ["split"], "split", True, 2),  # the guided cfg step's: captured with the split pass
+    ({2, 3}, ["split", "eager"], "split", False, 1),  # and the split step's too: eager from there
+], ids=["unguided", "guided", "guided-twice"])
+def test_a_capture_that_runs_out_of_memory_goes_on_with_less(failing, warned, feature_pass, graphs, captures,
+                                                             monkeypatch, emulated, tiny_pipe, astronaut_reference):
+    from omniportrait.guidance.rb import EAGER_AFTER_OUT_OF_MEMORY, SPLIT_AFTER_OUT_OF_MEMORY
+
+    eager = generate(tiny_pipe, astronaut_reference, feature_pass="split")
+    warm_ups = []
+
+    def warm_up(fn, inputs):  # the step runs (the running mean updated), then memory runs out
+        warm_ups.append(1)
+        outputs = fn(*inputs)
+        if len(warm_ups) in failing:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return outputs
+
+    monkeypatch.setattr(EmulatedGraphs, "warm_up", staticmethod(warm_up))
+    with pytest.warns(UserWarning, match="ran out of GPU memory") as caught:
+        out = generate(tiny_pipe, astronaut_reference, cuda_graph=True)
+    messages = {"eager": EAGER_AFTER_OUT_OF_MEMORY, "split": SPLIT_AFTER_OUT_OF_MEMORY}
+    assert [str(warning.message) for warning in caught] == [messages[name] for name in warned]
+    assert (out.guidance.config.feature_pass, out.guidance.config.cuda_graph) == (feature_pass, graphs)
+    assert emulated.calls["capture"] == captures
+    assert np.abs(out.images - eager.images).max() < 1e-5  # the running mean as before each failed step
 
 
 class HostTensorReads(TorchDispatchMode):

@@ -25,9 +25,10 @@ COST_FLAGS = {
                            help="what the guided step's feed-forwards recompute in the backward: projection "
                                 "(default; SDXL cfg: 1.2 GiB less than gelu, same FLOPs; with split or separate 9%% "
                                 "more FLOPs) or gelu; same images"),
-    "--rb-cuda-graph": dict(action="store_true",
-                            help="capture the sampling steps as CUDA graphs once and replay them (CUDA, DDIM; same "
-                                 "images, less host overhead)"),
+    "--rb-cuda-graph": dict(action=argparse.BooleanOptionalAction, default=None,
+                            help="capture the sampling steps as CUDA graphs once and replay them: the same images, "
+                                 "less host time (default: on where they can run: CUDA, a scheduler without input "
+                                 "scaling such as ddim, no CPU offloading; --no-rb-cuda-graph: eager steps)"),
 }
 
 
@@ -198,7 +199,7 @@ def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], see
             "preset": args.preset, "base": args.base, "arch": args.arch, "pivot_encoder": args.pivot_encoder,
             "scheduler": type(pipe.scheduler).__name__, "scheduler_flag": args.scheduler, "device": str(pipe.device),
             "dtype": str(pipe.unet.dtype).replace("torch.", ""), "image_index": index, "num_images": args.num_images,
-            "banded_decode": args.banded_decode,
+            "banded_decode": args.banded_decode, "cuda_graph": args.cuda_graph_ran,
         },
         "identities": [
             {"reference": str(source.reference), "sha256": file_sha256(str(source.reference)),
@@ -247,8 +248,8 @@ def asdict_flags(args) -> dict:
         flags["--no-rb"] = True
     if not chosen.background_masking:
         flags["--no-background-mask"] = True
-    if chosen.cuda_graph:
-        flags["--rb-cuda-graph"] = True
+    if chosen.cuda_graph is not None:  # asked for; left to us, the machine that reproduces decides
+        flags["--rb-cuda-graph" if chosen.cuda_graph else "--no-rb-cuda-graph"] = True
     return flags
 
 
@@ -267,8 +268,10 @@ def out_of_memory_message(args, config: RBGuidanceConfig) -> str:
 
 def record_what_ran(args, output) -> None:
     """The options that ran, for the sidecar and its reproduce line: a run that ran out of GPU memory went on with
-    the split feature pass, or decoded in bands (each with a warning)."""
+    the split feature pass, eager steps, or decoded in bands (each with a warning); whether the steps ran as CUDA
+    graphs (the sidecar's ``cuda_graph``)."""
     args.banded_decode = output.decoded_in_bands
+    args.cuda_graph_ran = output.guidance is not None and output.guidance.config.cuda_graph
     if output.guidance is not None:
         args.rb_feature_pass = output.guidance.config.feature_pass
 

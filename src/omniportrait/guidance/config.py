@@ -39,9 +39,11 @@ class RBGuidanceConfig:
         gradient_interval: recompute ``∇E`` on every N-th guided step and add the last one on the steps between
             (1, the paper: every guided step; N cuts the backward passes to about 1/N).
         cuda_graph: capture the sampling step as a CUDA graph on its first call and replay it on the later ones
-            (the unguided step and the guided step, each kind once): the host launches one graph
-            instead of every kernel. CUDA and a scheduler without input scaling, such as the default DDIM, only.
-            Same results as without.
+            (the unguided step and the guided step, each kind once): the host launches one graph instead of every
+            kernel. It needs CUDA, a scheduler without input scaling (such as the default DDIM) and the UNet's
+            weights in place (no CPU offloading). None (default): on wherever it can run, off elsewhere; True: on,
+            and a clear error where it cannot run; False: off. The same latents as eager steps (max |Δ| 0 over 10
+            steps of SDXL and SD1.5 on an H100); SDXL 1024², 50 steps on the H100: 4.55 s instead of 7.56 eager.
         ref_prompt: prompt for the reference features; ``{word}`` is the identity's class word.
         ref_seed: seed of the reference noises.
     """
@@ -61,7 +63,7 @@ class RBGuidanceConfig:
     feature_pass: str = "cfg"
     recompute: str = "projection"
     gradient_interval: int = 1
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None
     ref_prompt: str = "a photo of a {word}"
     ref_seed: int = 0
 

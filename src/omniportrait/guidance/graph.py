@@ -18,8 +18,6 @@ from collections.abc import Callable
 
 import torch
 
-from omniportrait.errors import ConfigError
-
 CAPTURE_FAILED = "a sampling step could not be captured as a CUDA graph and runs eagerly"
 
 
@@ -39,9 +37,11 @@ class CudaGraphs:
         self.stream: torch.cuda.Stream | None = None
 
     @staticmethod
-    def check(device: torch.device) -> None:
+    def problem(device: torch.device) -> str | None:
+        """Why steps on ``device`` cannot be captured, or None."""
         if device.type != "cuda":
-            raise ConfigError(f"CUDA graphs (--rb-cuda-graph) need a CUDA device; this pipeline is on {device.type}")
+            return f"CUDA graphs (--rb-cuda-graph) need a CUDA device; this pipeline is on {device.type}"
+        return None
 
     def warm_up(self, fn: Callable, inputs: tuple):
         """One eager call on the side stream, as CUDA requires before a capture (its result is the step's)."""

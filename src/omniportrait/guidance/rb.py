@@ -40,6 +40,8 @@ NON_FINITE_WARNING = "Reference-Based Guidance produced a non-finite gradient on
 SPLIT_AFTER_OUT_OF_MEMORY = ("a guided step with the batched cfg feature pass ran out of GPU memory; it and the later "
                              "steps use the split pass (--rb-feature-pass split: the same noise and gradient, a lower "
                              "peak, slower)")
+EAGER_AFTER_OUT_OF_MEMORY = ("capturing a sampling step as a CUDA graph ran out of GPU memory; it and the later steps "
+                             "run eagerly (--no-rb-cuda-graph: the same images, more host time)")
 
 
 @dataclass
@@ -109,9 +111,8 @@ class ReferenceGuidance:
 
     def __init__(self, pipe, config: RBGuidanceConfig, bound: list[BoundIdentity], height: int, width: int,
                  num_images: int):
-        self.pipe, self.config, self.bound = pipe, config, bound
-        if config.cuda_graph:
-            self.check_graph_support()
+        self.pipe, self.bound = pipe, bound
+        self.config = config = self.graphs_decided(config)
         self.block = dift_block_for(pipe, config)
         self.latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         self.num_images = num_images
@@ -128,14 +129,31 @@ class ReferenceGuidance:
         self._graph_inputs: tuple | None = None  # the conditioning and scale they were captured with
 
     # ----- setup ------------------------------------------------------------------------------------------
-    def check_graph_support(self) -> None:
-        """Before anything runs: a CUDA device, and a scheduler a replayed step can contain."""
-        self.graph_backend.check(self.pipe.unet.device)
+    def graphs_decided(self, config: RBGuidanceConfig) -> RBGuidanceConfig:
+        """``config`` with ``cuda_graph`` decided before anything runs: where left to us (None), on when the steps
+        can be captured (:meth:`graph_problem`); where asked for, a clear error when they cannot."""
+        if config.cuda_graph is False:
+            return config
+        problem = self.graph_problem()
+        if config.cuda_graph and problem:
+            raise ConfigError(problem)
+        return replace(config, cuda_graph=problem is None)
+
+    def graph_problem(self) -> str | None:
+        """Why this pipeline's steps cannot be captured, or None: they need a CUDA device, a scheduler a replayed
+        step can contain, and the UNet's weights in place (accelerate's offloading moves them during the call)."""
+        unet = self.pipe.unet
+        problem = self.graph_backend.problem(unet.device)
+        if problem:
+            return problem
         scheduler = copy.deepcopy(self.pipe.scheduler)  # probed on a copy: Euler's first call sets its step index
         probe = torch.zeros(1, device=scheduler.timesteps.device)
         if not replays_without_input_scaling(scheduler, probe, scheduler.timesteps[0]):
-            raise ConfigError(f"CUDA graphs (--rb-cuda-graph) need a scheduler that does not scale the model input, "
-                              f"such as DDIM (the default); {type(scheduler).__name__} does")
+            return (f"CUDA graphs (--rb-cuda-graph) need a scheduler that does not scale the model input, such as "
+                    f"DDIM (the default); {type(scheduler).__name__} does")
+        if any(hasattr(module, "_hf_hook") for module in unet.modules()):
+            return "CUDA graphs (--rb-cuda-graph) need the UNet's weights in place; CPU offloading moves them"
+        return None
 
     def attention_store(self, rows: slice | None) -> AttentionStore:
         unet, divisor = self.pipe.unet, self.config.attention_divisor
@@ -215,8 +233,8 @@ class ReferenceGuidance:
         """
         if not self.config.cuda_graph:
             return self.compute_plain_noise(latents, t, cond, guidance_scale)
-        step = self.graphed("plain", self.compute_plain_noise, cond, guidance_scale)
-        return step(latents, self.as_tensor(t, latents))
+        return self.replayed("plain", self.compute_plain_noise, self.compute_plain_noise, latents, t, cond,
+                             guidance_scale)
 
     def compute_plain_noise(self, latents, t, cond, guidance_scale: float) -> torch.Tensor:
         """One unguided step (the self-attention is recorded only on the steps that build a mask); like
@@ -239,26 +257,58 @@ class ReferenceGuidance:
         self.record.gradient_steps += 1
         if not self.config.cuda_graph or masks is not None:
             return self.eager_noise_and_gradient(latents, t, cond, guidance_scale, masks)
-        step = self.graphed("guided", self.compute_noise_and_gradient, cond, guidance_scale)
-        return step(latents, self.as_tensor(t, latents))
+        return self.replayed("guided", self.compute_noise_and_gradient, self.eager_noise_and_gradient, latents, t,
+                             cond, guidance_scale)
 
     def eager_noise_and_gradient(self, latents, t, cond, guidance_scale: float, masks=None):
         """One guided step, not captured. A batched ``cfg`` step that runs out of GPU memory is taken again with the
         ``split`` pass, and so are the later steps, with a warning: the same noise and gradient at a lower peak
         (SDXL 1024²: 9.39 instead of 11.27 GiB, counted), instead of losing the generation."""
-        if self.config.feature_pass != "cfg" or not cond.do_cfg:
+        def step():
             return self.compute_noise_and_gradient(latents, t, cond, guidance_scale, masks)
+
+        if self.config.feature_pass != "cfg" or not cond.do_cfg:
+            return step()
+        return self.out_of_memory_fallback(step, step, SPLIT_AFTER_OUT_OF_MEMORY, feature_pass="split")
+
+    def replayed(self, kind: str, compute, eager, latents, t, cond, guidance_scale: float):
+        """``compute``'s step as the ``kind`` CUDA graph (:meth:`graphed`). A replay allocates nothing; if the first
+        call (the eager warm-up before the capture) runs out of GPU memory, a guided ``cfg`` step is captured with
+        the ``split`` pass instead (SDXL 1024² on the H100: 9.87 instead of 11.73 GiB, as fast), and any other
+        step and the later ones run ``eager`` (which may fall back further), each with a warning."""
+        step = self.graphed(kind, compute, cond, guidance_scale)
+
+        def replay():
+            return step(latents, self.as_tensor(t, latents))
+
+        def captured_again():
+            del self._graphs[kind]  # its warm-up failed: nothing captured, nothing held
+            return self.replayed(kind, compute, eager, latents, t, cond, guidance_scale)
+
+        if step.replay is not None or step.eager:
+            return replay()
+        if kind == "guided" and self.config.feature_pass == "cfg" and cond.do_cfg:
+            return self.out_of_memory_fallback(replay, captured_again, SPLIT_AFTER_OUT_OF_MEMORY, feature_pass="split")
+        return self.out_of_memory_fallback(replay, lambda: eager(latents, t, cond, guidance_scale),
+                                           EAGER_AFTER_OUT_OF_MEMORY, cuda_graph=False)
+
+    def out_of_memory_fallback(self, step, fallback, warning: str, **changes):
+        """``step()``; if it runs out of GPU memory: the running-mean attention as before it, ``changes`` made to
+        the config for the rest of the call (captured steps dropped with their memory once ``cuda_graph`` is off),
+        ``warning``, and ``fallback()``. The images then equal a call that ran with ``changes`` from the start."""
         running_mean = self.store.running_mean_state()
         try:
-            return self.compute_noise_and_gradient(latents, t, cond, guidance_scale, masks)
+            return step()
         except torch.OutOfMemoryError:
             pass  # taken again below, once the error's traceback no longer holds the failed step's tensors
         self.store.restore_running_mean(running_mean)
-        self.config = replace(self.config, feature_pass="split")
-        warnings.warn(SPLIT_AFTER_OUT_OF_MEMORY, stacklevel=5)
+        self.config = replace(self.config, **changes)
+        if not self.config.cuda_graph:
+            self._graphs, self._graph_inputs = {}, None
+        warnings.warn(warning, stacklevel=6)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return self.compute_noise_and_gradient(latents, t, cond, guidance_scale, masks)
+        return fallback()
 
     def graphed(self, kind: str, compute, cond, guidance_scale: float) -> GraphedStep:
         """The ``kind`` step captured for this conditioning and scale (captured again if either changes).
