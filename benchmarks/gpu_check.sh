@@ -10,9 +10,8 @@
 # nothing now, are left out to stay well inside one 10-minute call). Results go to $OUT (env.txt,
 # bench.txt/.json/.err, plain-alone.txt/.json, bench-table.md, profile-MODEL.txt); bench.json is written after each
 # model, and a variant or step that fails (out of memory, say) is reported in its place while the rest still runs.
-# MODELS, VARIANTS,
-# STEPS, REPEATS and PROFILE (models, or `none`) override the run, e.g. `MODELS=tiny-sd15 PROFILE=tiny-sd15 STEPS=2
-# REPEATS=1 sh benchmarks/gpu_check.sh` checks it on a CPU.
+# MODELS, VARIANTS, STEPS, REPEATS and PROFILE (models, or `none`) override the run, e.g. `MODELS=tiny-sd15
+# PROFILE=tiny-sd15 STEPS=2 REPEATS=1 sh benchmarks/gpu_check.sh` checks it on a CPU.
 set -e
 OUT=${OUT:-/tmp/omniportrait-gpu}
 SITE=${SITE:-/tmp/omniportrait-site}
