@@ -65,8 +65,7 @@ class GenerationConfig:
     width: int | None = None
     negative_prompt: str | None = None
     # Guidance fields that change how, not what, is drawn (GUIDANCE_RUNNING); defaults as RBGuidanceConfig's.
-    cuda_graph: bool | None = RBGuidanceConfig.cuda_graph  # steps as CUDA graphs (``--rb-cuda-graph``; None:
-    # where they can run): less host time
+    cuda_graph: bool | None = RBGuidanceConfig.cuda_graph  # CUDA-graph steps (None: where they can run): less host time
     recompute: str = RBGuidanceConfig.recompute  # the backward's recompute (``--rb-recompute``): less memory
     banded_decode: bool = False  # decode in bands (``--banded-decode``): same images up to rounding, less memory
 
