@@ -1,11 +1,12 @@
 """Where one sampling step's time and memory go, per RB-Guidance feature pass, on the real architectures.
 
-Random weights in fp16 on CUDA (speed does not depend on weight values). For one model it times, with CUDA
-synchronised around each call: a plain CFG step, the same step with the attention recording the mask needs
-(eager and replayed as a CUDA graph), a guided step (forward with grad, mask, energy, backward) in each feature
-pass, eager and (``cfg``, ``split``) replayed as a CUDA graph, the VAE decode (diffusers' and in bands) and the
-once-per-call identity binding (Pivot ID Encoder); then the allocator peak of each; how far a short generation
-with CUDA-graph steps lands from the eager one; the CUDA kernels of one guided step by device time
+Random weights in fp16 on CUDA (speed does not depend on weight values). For one model it first runs a short
+generation with CUDA-graph steps and an eager one (how far their latents land apart, and what memory the graphed
+one leaves allocated); then it times, with CUDA synchronised around each call: a plain CFG step, the same step with
+the attention recording the mask needs (eager and replayed as a CUDA graph), a guided step (forward with grad,
+mask, energy, backward) in each feature pass, eager and (``cfg``, ``split``) replayed as a CUDA graph, the VAE
+decode (diffusers' and in bands) and the once-per-call identity binding (Pivot ID Encoder), with the allocator
+peak of each; the CUDA kernels of one guided step by device time
 (``torch.profiler``) and the sum of all kernel time, which, against the step's wall time, says whether the step
 waits on the GPU or on Python; last, the source lines where a step makes the CPU wait for the GPU.
 
@@ -88,7 +89,7 @@ def sync_points(call) -> Counter:
 def graph_agreement(pipe, reference, size: int, steps: int = 10) -> str:
     """Final latents of a short generation with the guided steps as CUDA graphs against eager ones, per graphed
     feature pass (the same kernels run, so the difference should be at rounding level), and the memory a graphed
-    generation leaves allocated once its output is gone, before and after a garbage collection (none is expected).
+    generation leaves allocated once its output is gone, before and after a garbage collection.
     Run on the pipeline as loaded: :func:`step_calls` installs processors a generation does not record with."""
     from omniportrait.guidance import RBGuidanceConfig
     from omniportrait.pipelines import Identity
