@@ -200,7 +200,7 @@ def test_a_variant_that_fell_back_after_running_out_of_memory_is_not_timed_as_it
     messages = [str(warning.message) for warning in caught]
     assert any("use the split pass" in message for message in messages)  # the pipeline's
     assert any(message.startswith("rb-cfg failed") for message in messages)  # the bench's
-    assert cfg.error == ("OutOfMemoryError: ran out of GPU memory and went on with the split pass, so the time "
+    assert cfg.error == ("OutOfMemoryError: ran out of GPU memory and went on with the split feature pass, so the time "
                          "is not this variant's")
     assert split.error is None and split.ratio > 0
 

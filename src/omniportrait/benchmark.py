@@ -252,7 +252,7 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
             else:
                 ours.disable_banded_decode()
             output = ours(PROMPT, identities, **common, generator=generator(), rb_guidance=variant.guidance)
-            fell_back = fallback_of(variant, output)
+            fell_back = " and ".join(output.memory_fallbacks(variant.banded_decode))
             if fell_back:  # reported as this variant's failure
                 raise torch.OutOfMemoryError(f"ran out of GPU memory and went on with {fell_back}, so the time is "
                                              "not this variant's")
@@ -282,17 +282,6 @@ class VariantTimes:
             return BenchRow(variant, None, None, None, None, self.error)
         ratio = None if plain.error is not None else self.best / plain.best
         return BenchRow(variant, self.best, ratio, self.peak_gib, self.sampling_peak_gib)
-
-
-def fallback_of(variant: Variant, output) -> str | None:
-    """What a generation of ``variant`` went on with after running out of GPU memory (the split feature pass, a
-    banded decode), if anything."""
-    fell_back = []
-    if output.guidance is not None and output.guidance.config.feature_pass != variant.guidance.feature_pass:
-        fell_back.append(f"the {output.guidance.config.feature_pass} pass")
-    if output.decoded_in_bands and not variant.banded_decode:
-        fell_back.append("a banded decode")
-    return " and ".join(fell_back) or None
 
 
 def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: torch.dtype,

@@ -159,3 +159,41 @@ def test_a_plain_run_is_one_process_and_leaves_accelerate_alone(monkeypatch):
     process = current_process(cpu=True)
     assert (process.index, process.count, process.state) == (0, 1, None)
     assert process.is_main
+
+
+def test_what_ran_after_running_out_of_memory_carries_to_the_later_images(monkeypatch, one_reference, tmp_path):
+    """An image whose batched cfg pass or whole decode ran out of GPU memory went on with the split pass or a banded
+    decode; the later images start that way instead of running out of memory again first."""
+    import dataclasses
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from omniportrait.guidance.rb import ReferenceGuidance
+
+    failed = {"cfg": 0, "decode": 0}
+
+    def out_of_memory(kind):
+        def fail(*args, **kwargs):
+            failed[kind] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return fail
+
+    monkeypatch.setattr(ReferenceGuidance, "cfg_pass", out_of_memory("cfg"))
+    monkeypatch.setattr(AutoencoderKL, "decode", out_of_memory("decode"))
+    config = dataclasses.replace(config_for(one_reference, tmp_path / "out", steps=4),
+                                 prompts=tuple(select_prompts(max_prompts=3)))
+    with pytest.warns(UserWarning, match="later images"):
+        assert run_evaluation(config, ProcessInfo()).generated == 3
+    assert failed == {"cfg": 1, "decode": 1}
+
+
+def test_a_carried_split_pass_replaces_cfg_only():
+    from omniportrait.evaluation.runner import MemoryFallbacks
+    from omniportrait.guidance.config import RBGuidanceConfig
+
+    fallbacks = MemoryFallbacks({"feature_pass": "split", "cuda_graph": False})
+    assert fallbacks.applied({})["rb_guidance"] == RBGuidanceConfig(feature_pass="split", cuda_graph=False)
+    swept = fallbacks.applied({"rb_guidance": RBGuidanceConfig(feature_pass="separate")})["rb_guidance"]
+    assert (swept.feature_pass, swept.cuda_graph) == ("separate", False)
+    assert MemoryFallbacks().applied({"steps": 2}) == {"steps": 2}

@@ -306,6 +306,8 @@ def test_a_capture_that_runs_out_of_memory_goes_on_with_less(failing, warned, fe
     messages = {"eager": EAGER_AFTER_OUT_OF_MEMORY, "split": SPLIT_AFTER_OUT_OF_MEMORY}
     assert [str(warning.message) for warning in caught] == [messages[name] for name in warned]
     assert (out.guidance.config.feature_pass, out.guidance.config.cuda_graph) == (feature_pass, graphs)
+    changed = {"feature_pass": feature_pass} if feature_pass != "cfg" else {}
+    assert out.guidance.fell_back == {**changed, **({} if graphs else {"cuda_graph": False})}
     assert emulated.calls["capture"] == captures
     assert np.abs(out.images - eager.images).max() < 1e-5  # the running mean as before each failed step
 

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -274,12 +275,15 @@ def generate_images(jobs: list[Job], references: dict[str, Reference], workspace
     gen = config.generation
     pipe = load_generation_pipeline(gen, device)
     check_sweep(config.sweep, pipe.__call__)
+    fallbacks = MemoryFallbacks()
     try:
         for job in progress_bar(pending, "generate", config.progress, process):
-            kwargs = gen.pipeline_kwargs(job.setting.kwargs)
+            kwargs = fallbacks.applied(gen.pipeline_kwargs(job.setting.kwargs))
             started = time.perf_counter()
-            image = pipe(job.text, identities=[Identity(references[job.reference].prepared, job.class_word)],
-                         generator=torch.Generator("cpu").manual_seed(job.seed), **kwargs).images[0]
+            output = pipe(job.text, identities=[Identity(references[job.reference].prepared, job.class_word)],
+                          generator=torch.Generator("cpu").manual_seed(job.seed), **kwargs)
+            fallbacks.learn(output, pipe)
+            image = output.images[0]
             save_image_atomic(image, workspace.image_path(job))
             record = {"job": job.describe(), "generation": workspace.key(job), "scores": {}, "score_models": {},
                       "elapsed_s": round(time.perf_counter() - started, 3)}
@@ -288,6 +292,34 @@ def generate_images(jobs: list[Job], references: dict[str, Reference], workspace
         del pipe
         release_memory()
     return len(pending)
+
+
+@dataclass
+class MemoryFallbacks:
+    """What an image of this run went on with after running out of GPU memory (the ``split`` feature pass, eager
+    steps, a banded decode; each gives the same image up to rounding), carried to the later images so that each
+    does not first run out of memory again."""
+
+    guidance: dict[str, Any] = field(default_factory=dict)  # RBGuidanceConfig fields
+
+    def learn(self, output, pipe) -> None:
+        """Note what ``output``'s call fell back to, with a warning; a banded decode is enabled on ``pipe``."""
+        changes = output.memory_fallbacks(banded_decode_asked=pipe.decode_band_mib is not None)
+        if output.guidance is not None:
+            self.guidance.update(output.guidance.fell_back)
+        if output.decoded_in_bands:
+            pipe.enable_banded_decode()
+        if changes:
+            warnings.warn(f"an image ran out of GPU memory; the later images of this run start with "
+                          f"{' and '.join(changes)} (the same images up to rounding)", stacklevel=2)
+
+    def applied(self, kwargs: dict) -> dict:
+        """A job's pipeline keywords with what was learned (the ``split`` pass only where ``cfg`` was asked for, as a
+        sweep may set another)."""
+        asked = kwargs.get("rb_guidance") or RBGuidanceConfig()
+        changes = {name: value for name, value in self.guidance.items()
+                   if name != "feature_pass" or asked.feature_pass == "cfg"}
+        return {**kwargs, "rb_guidance": replace(asked, **changes)} if changes else kwargs
 
 
 def release_memory() -> None:

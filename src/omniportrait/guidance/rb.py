@@ -127,6 +127,7 @@ class ReferenceGuidance:
         self._schedule: list[float] | None = None
         self._graphs: dict[str, GraphedStep] = {}  # "plain" / "guided" steps captured as CUDA graphs
         self._graph_inputs: tuple | None = None  # the conditioning and scale they were captured with
+        self.fell_back: dict = {}  # config fields changed after running out of GPU memory, as changed
 
     # ----- setup ------------------------------------------------------------------------------------------
     def graphs_decided(self, config: RBGuidanceConfig) -> RBGuidanceConfig:
@@ -303,6 +304,7 @@ class ReferenceGuidance:
             pass  # taken again below, once the error's traceback no longer holds the failed step's tensors
         self.store.restore_running_mean(running_mean)
         self.config = replace(self.config, **changes)
+        self.fell_back.update(changes)
         if not self.config.cuda_graph:
             self._graphs, self._graph_inputs = {}, None
         warnings.warn(warning, stacklevel=6)

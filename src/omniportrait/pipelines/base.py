@@ -65,6 +65,14 @@ class OmniPortraitOutput:
     guidance: object = None
     decoded_in_bands: bool = False
 
+    def memory_fallbacks(self, banded_decode_asked: bool) -> list[str]:
+        """What this call went on with after running out of GPU memory, in words: "the split feature pass", "eager
+        steps" (instead of CUDA graphs), "a banded decode" (unless asked for)."""
+        fell_back = self.guidance.fell_back if self.guidance is not None else {}
+        words = [f"the {value} feature pass" if name == "feature_pass" else "eager steps" for name, value in
+                 fell_back.items()]
+        return words + ["a banded decode"] * (self.decoded_in_bands and not banded_decode_asked)
+
 
 def _as_prepared_reference(identity: Identity):
     """The identity's reference as a prepared reference (face found, aligned crop available)."""
