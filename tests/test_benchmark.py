@@ -9,6 +9,7 @@ from omniportrait.benchmark import (
     PLAIN,
     PLAIN_AFTER,
     BenchConfig,
+    CallMemory,
     PeakBeforeDecode,
     format_row,
     placement,
@@ -41,8 +42,24 @@ def test_tiny_and_twin_models_stay_on_the_cpu_in_fp32_and_real_ones_go_where_ask
 
 
 def test_timed_once_measures_the_call():
-    seconds, peak = timed_once(lambda: time.sleep(0.02), torch.device("cpu"))
-    assert 0.02 <= seconds < 1 and peak is None
+    seconds, memory = timed_once(lambda: time.sleep(0.02), torch.device("cpu"))
+    assert 0.02 <= seconds < 1 and memory == CallMemory(None, None)
+
+
+def test_on_cuda_a_call_reports_what_was_allocated_when_it_began_and_its_peak(monkeypatch):
+    gib = 2**30
+    allocated = {"now": 3 * gib, "peak": 9 * gib}
+
+    def call():  # peaks at 5 GiB and leaves 1 GiB more allocated than it found
+        allocated.update(now=4 * gib, peak=max(allocated["peak"], 5 * gib))
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    assert timed_once(call, torch.device("cuda"))[1] == CallMemory(start=3.0, peak=5.0)
+    assert timed_once(call, torch.device("cuda"))[1] == CallMemory(start=4.0, peak=5.0)
 
 
 def test_plain_runs_first_and_once():
@@ -75,9 +92,9 @@ def test_rows_start_with_plain_and_are_ratios_to_it(astronaut_reference):
     assert seen == [PLAIN] * 2 + ["rb-off", "rb-cfg-interval-2"] * 2 + [PLAIN_AFTER]
     assert rows[0].ratio == 1.0
     for row in rows:
-        assert row.seconds > 0 and row.peak_gib is None and row.sampling_peak_gib is None
+        assert row.seconds > 0 and row.peak_gib is None and row.sampling_peak_gib is None and row.start_gib is None
         assert row.ratio == pytest.approx(row.seconds / rows[0].seconds)
-    assert format_row(rows[1]).split()[0] == "rb-off" and format_row(rows[1]).split()[-2:] == ["n/a", "n/a"]
+    assert format_row(rows[1]).split()[0] == "rb-off" and format_row(rows[1]).split()[-3:] == ["n/a"] * 3
 
 
 def test_the_sampling_peak_is_read_when_decoding_starts():

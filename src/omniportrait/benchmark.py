@@ -138,6 +138,8 @@ class BenchRow:
     peak_gib: float | None
     sampling_peak_gib: float | None = None  # the peak before the VAE decode: text encoding and sampling
     error: str | None = None  # why the variant failed: its exception's type and first line
+    start_gib: float | None = None  # allocated when its calls began, the most of them: the weights, and what earlier
+    # calls left allocated, which its peak counts too
 
 
 def placement(model: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
@@ -197,18 +199,32 @@ def allocator_peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def timed_once(call: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
-    """Wall time of one call, and its CUDA allocator peak in GiB (None off CUDA)."""
+def allocated_gib(device: torch.device) -> float | None:
+    """What CUDA's allocator holds for tensors now, in GiB (None off CUDA)."""
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+@dataclass(frozen=True)
+class CallMemory:
+    """One call's CUDA memory in GiB (None off CUDA): allocated when it began, and its peak."""
+
+    start: float | None = None
+    peak: float | None = None
+
+
+def timed_once(call: Callable[[], object], device: torch.device) -> tuple[float, CallMemory]:
+    """Wall time of one call, and its CUDA memory."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    start_gib = allocated_gib(device)
     start = time.perf_counter()
     call()
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return seconds, allocator_peak_gib(device)
+    return seconds, CallMemory(start_gib, allocator_peak_gib(device))
 
 
 class PeakBeforeDecode:
@@ -265,23 +281,25 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
 
 @dataclass
 class VariantTimes:
-    """What one variant's calls measured so far: best time, highest peaks, or why it failed."""
+    """What one variant's calls measured so far: best time, highest peaks and start, or why it failed."""
 
     best: float = float("inf")
     peak_gib: float | None = None
     sampling_peak_gib: float | None = None
+    start_gib: float | None = None
     error: str | None = None
 
-    def add(self, seconds: float, peak_gib: float | None, sampling_peak_gib: float | None) -> None:
+    def add(self, seconds: float, memory: CallMemory, sampling_peak_gib: float | None) -> None:
         self.best = min(self.best, seconds)
-        self.peak_gib = highest(self.peak_gib, peak_gib)
+        self.peak_gib = highest(self.peak_gib, memory.peak)
         self.sampling_peak_gib = highest(self.sampling_peak_gib, sampling_peak_gib)
+        self.start_gib = highest(self.start_gib, memory.start)
 
     def row(self, variant: str, plain: VariantTimes) -> BenchRow:
         if self.error is not None:
             return BenchRow(variant, None, None, None, None, self.error)
         ratio = None if plain.error is not None else self.best / plain.best
-        return BenchRow(variant, self.best, ratio, self.peak_gib, self.sampling_peak_gib)
+        return BenchRow(variant, self.best, ratio, self.peak_gib, self.sampling_peak_gib, start_gib=self.start_gib)
 
 
 def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: torch.dtype,
@@ -309,13 +327,13 @@ def run_benchmark(config: BenchConfig, reference, device: torch.device, dtype: t
             before_decode.gib = None
             release_memory(device)
             try:
-                seconds, peak = timed_once(calls[called], device)
+                seconds, memory = timed_once(calls[called], device)
             except Exception as error:  # reported in the variant's row
                 times[name].error = failure(error)
                 warnings.warn(f"{name} failed: {times[name].error}; the other variants go on", stacklevel=2)
             else:
                 if timed:
-                    times[name].add(seconds, peak, before_decode.gib)
+                    times[name].add(seconds, memory, before_decode.gib)
             if on_call is not None:
                 on_call(name)
     return [times[name].row(name, times[PLAIN]) for name in times]
@@ -338,15 +356,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 def table_header(config: BenchConfig, device: torch.device, dtype: torch.dtype) -> str:
     return (f"{config.model} {config.resolution}x{config.resolution}, {config.steps} steps "
             f"({config.guided_steps} guided), {device_name(device)}, {dtype_name(dtype)}\n"
-            f"{'variant':26s} {'seconds':>9s} {'x plain':>8s} {'peak GiB':>9s} {'sampling GiB':>13s}")
+            f"{'variant':26s} {'seconds':>9s} {'x plain':>8s} {'peak GiB':>9s} {'sampling GiB':>13s} "
+            f"{'start GiB':>10s}")
 
 
 def format_row(row: BenchRow) -> str:
     if row.error is not None:
         return f"{row.variant:26s} failed: {row.error}"
-    ratio, peak, sampling = (f"{value:.2f}" if value is not None else "n/a"
-                             for value in (row.ratio, row.peak_gib, row.sampling_peak_gib))
-    return f"{row.variant:26s} {row.seconds:9.3f} {ratio:>8s} {peak:>9s} {sampling:>13s}"
+    ratio, peak, sampling, start = (f"{value:.2f}" if value is not None else "n/a"
+                                    for value in (row.ratio, row.peak_gib, row.sampling_peak_gib, row.start_gib))
+    return f"{row.variant:26s} {row.seconds:9.3f} {ratio:>8s} {peak:>9s} {sampling:>13s} {start:>10s}"
 
 
 def report_entry(config: BenchConfig, device: torch.device, dtype: torch.dtype, rows: list[BenchRow]) -> dict:

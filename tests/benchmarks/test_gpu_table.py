@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks.gpu_table import main, markdown_table, target_lines
+from benchmarks.gpu_table import leftover_lines, main, markdown_table, target_lines
 from omniportrait.cli import main as cli
 
 
@@ -11,9 +11,9 @@ def entry(model, size, rows):
             "dtype": "float16", "rows": rows}
 
 
-def row(variant, seconds, ratio, peak=None, sampling=None, error=None):
+def row(variant, seconds, ratio, peak=None, sampling=None, error=None, start=None):
     return {"variant": variant, "seconds": seconds, "ratio": ratio, "peak_gib": peak, "sampling_peak_gib": sampling,
-            "error": error}
+            "error": error, "start_gib": start}
 
 
 def test_models_side_by_side_and_a_missing_variant_is_a_dash():
@@ -52,6 +52,20 @@ def test_failures_are_cells_and_lines_and_never_within_the_targets():
     lines = target_lines(report)
     assert lines[1].endswith("full method within both: none") and lines[2].endswith("within both: none")
     assert len(lines) == 3
+
+
+def test_memory_an_earlier_call_left_is_named_with_how_much():
+    clean = [row("diffusers-plain", 3.6, 1.0, 12.1, start=7.45), row("rb-cfg-graph", 4.4, 1.2, 12.2, start=7.455),
+             row("diffusers-plain-after", 3.6, 1.0, 12.1, start=7.45)]
+    leaky = [row("diffusers-plain", 3.6, 1.0, 12.1, start=7.45), row("rb-cfg-graph", 4.4, 1.2, 12.2, start=7.55),
+             row("rb-cfg-graph-banded", 4.4, 1.2, 12.2, start=8.15)]
+    on_cpu = [row("diffusers-plain", 1.0, 1.0), row("rb-cfg", 1.5, 1.5)]
+    lines = leftover_lines([entry("random-sdxl", 1024, clean), entry("random-sd15", 512, leaky),
+                            entry("tiny-sd15", 64, on_cpu)])
+    assert lines == ["- random-sdxl 1024²: every call began with what plain's did (7.45 GiB, within 0.01 GiB): no "
+                     "peak counts what an earlier call left",
+                     "- random-sd15 512²: calls began with more allocated than plain's (7.45 GiB), left by earlier "
+                     "calls and counted in their peaks: `rb-cfg-graph` +0.10, `rb-cfg-graph-banded` +0.70 GiB"]
 
 
 def test_reads_what_the_bench_writes(tmp_path, astronaut_path, capsys):
