@@ -133,7 +133,7 @@ def test_the_banded_decode_call_matches_the_decode_and_leaves_the_pipeline_as_it
     pipe = build("sdxl")
     calls = step_calls(pipe, astronaut_reference, 64, torch.device("cpu"))
     assert torch.allclose(calls["vae-decode-banded"](), calls["vae-decode"](), atol=1e-5)
-    assert pipe.decode_band_mib is None
+    assert pipe.banded_decode is None
 
 
 def test_the_gate_recomputed_steps_give_the_same_guided_noise(astronaut_reference):

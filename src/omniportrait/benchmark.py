@@ -268,7 +268,7 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
             else:
                 ours.disable_banded_decode()
             output = ours(PROMPT, identities, **common, generator=generator(), rb_guidance=variant.guidance)
-            fell_back = " and ".join(output.memory_fallbacks(variant.banded_decode))
+            fell_back = " and ".join(output.memory_fallbacks())
             if fell_back:  # reported as this variant's failure
                 raise torch.OutOfMemoryError(f"ran out of GPU memory and went on with {fell_back}, so the time is "
                                              "not this variant's")
@@ -376,13 +376,17 @@ def report_entry(config: BenchConfig, device: torch.device, dtype: torch.dtype, 
             "dtype": dtype_name(dtype), "rows": [dataclasses.asdict(row) for row in rows]}
 
 
-def decode_banded(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """The pipeline's decode with ``enable_banded_decode()`` for this call only."""
-    pipe.enable_banded_decode()
+def decoded(pipe, latents: torch.Tensor, in_bands: bool) -> torch.Tensor:
+    """The pipeline's decode, in bands or whole (whatever its default), for this call only."""
+    before = pipe.banded_decode
+    if in_bands:
+        pipe.enable_banded_decode()
+    else:
+        pipe.disable_banded_decode()
     try:
         return pipe.decode(latents, "pt")
     finally:
-        pipe.disable_banded_decode()
+        pipe.banded_decode = before
 
 
 class AttentionSwitch(SamplingAttnProcessor):
@@ -494,7 +498,7 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
         calls["plain+record-graph"] = ours(lambda: fresh("record-graph").plain_noise(latents, t, cond, 7.5))
     for name in [name for name in guidance if name != "record-graph"]:
         calls[f"guided-{name}"] = ours(lambda name=name: fresh(name).guided_noise(latents, t, cond, 7.5))
-    calls["vae-decode"] = lambda: fresh("cfg") and pipe.decode(latents, "pt")
-    calls["vae-decode-banded"] = lambda: fresh("cfg") and decode_banded(pipe, latents)
+    calls["vae-decode"] = lambda: fresh("cfg") and decoded(pipe, latents, in_bands=False)
+    calls["vae-decode-banded"] = lambda: fresh("cfg") and decoded(pipe, latents, in_bands=True)
     calls["bind-identities"] = lambda: pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
     return calls

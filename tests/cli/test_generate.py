@@ -34,6 +34,8 @@ def test_writes_png_and_sidecar_and_is_reproducible(tmp_path, astronaut_path, ca
     # CUDA graphs left to the run: eager on the CPU, and the reproducing machine decides for itself
     assert meta["rb_guidance"]["cuda_graph"] is None and meta["parameters"]["cuda_graph"] is False
     assert not any("cuda-graph" in arg for arg in meta["reproduce"])
+    # so is the banded decode: whole on the CPU, in bands where SDXL's fp32 decode runs on CUDA
+    assert meta["parameters"]["banded_decode"] is False and not any("banded" in arg for arg in meta["reproduce"])
 
 
 def test_eager_steps_asked_for_stay_in_the_reproduce_line(tmp_path, astronaut_path):
@@ -56,7 +58,10 @@ def test_guidance_options_and_banded_decode_reach_the_run_and_the_reproduce_line
     assert "--rb-feature-pass split" in reproduce and "--rb-interval 2" in reproduce
     assert "--rb-recompute gelu" in reproduce and "--banded-decode" in reproduce
     whole = tmp_path / "whole.png"
-    assert main([arg for arg in meta["reproduce"][1:-2] if arg != "--banded-decode"] + ["--out", str(whole)]) == 0
+    whole_args = [arg if arg != "--banded-decode" else "--no-banded-decode" for arg in meta["reproduce"][1:-2]]
+    assert main(whole_args + ["--out", str(whole)]) == 0
+    whole_meta = json.loads(whole.with_suffix(".json").read_text())
+    assert whole_meta["parameters"]["banded_decode"] is False and "--no-banded-decode" in whole_meta["reproduce"]
     difference = np.abs(np.asarray(Image.open(out), dtype=int) - np.asarray(Image.open(whole), dtype=int))
     assert difference.max() <= 1  # the same image up to rounding
     projection = tmp_path / "projection.png"

@@ -71,11 +71,30 @@ def test_a_decode_that_runs_out_of_memory_is_done_in_bands(arch, monkeypatch):
     monkeypatch.setattr(pipe.vae, "decode", out_of_memory_on_calls(pipe.vae.decode))
     monkeypatch.setattr(base, "decode_in_bands", lambda *args: bands.append(args[2]) or decode_in_bands(*args))
     with pytest.warns(UserWarning, match="ran out of GPU memory; decoded in bands instead"):
-        banded, in_bands = pipe.decode_images(latents, "np")
-    assert bands == [DEFAULT_BAND_MIB] and in_bands and abs(banded - whole).max() < 1e-5
+        banded, in_bands, ran_out_of_memory = pipe.decode_images(latents, "np")
+    assert bands == [DEFAULT_BAND_MIB] and in_bands and ran_out_of_memory and abs(banded - whole).max() < 1e-5
     pipe.enable_banded_decode(1)  # asked for: no whole decode is tried
-    assert pipe.decode_images(latents, "np")[1] and bands == [DEFAULT_BAND_MIB, 1]
-    assert build(arch).decode_images(latents, "np")[1] is False
+    assert pipe.decode_images(latents, "np")[1:] == (True, False) and bands == [DEFAULT_BAND_MIB, 1]
+    assert build(arch).decode_images(latents, "np")[1:] == (False, False)
+
+
+@pytest.mark.parametrize("arch, dtype, device, default", [
+    ("sdxl", torch.float16, "cuda", True),  # SDXL's VAE decodes in fp32 (force_upcast): its whole decode is the peak
+    ("sdxl", torch.float32, "cuda", False),  # already fp32: nothing is upcast
+    ("sdxl", torch.float16, "cpu", False),
+    ("sd15", torch.float16, "cuda", False),  # decodes in fp16
+])
+def test_the_decode_runs_in_bands_by_default_where_the_vae_is_upcast_on_cuda(arch, dtype, device, default,
+                                                                             monkeypatch):
+    from diffusers import AutoencoderKL
+
+    pipe = build(arch).to(dtype)
+    monkeypatch.setattr(AutoencoderKL, "device", property(lambda vae: torch.device(device)))
+    assert pipe.banded_decode is None and pipe.decodes_in_bands() is default
+    pipe.disable_banded_decode()
+    assert pipe.decodes_in_bands() is False
+    pipe.enable_banded_decode()
+    assert pipe.decodes_in_bands() is True
 
 
 def test_banded_decode_needs_a_positive_band():

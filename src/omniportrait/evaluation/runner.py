@@ -68,7 +68,8 @@ class GenerationConfig:
     # Guidance fields that change how, not what, is drawn (GUIDANCE_RUNNING); defaults as RBGuidanceConfig's.
     cuda_graph: bool | None = RBGuidanceConfig.cuda_graph  # CUDA-graph steps (None: where they can run): less host time
     recompute: str = RBGuidanceConfig.recompute  # the backward's recompute (``--rb-recompute``): less memory
-    banded_decode: bool = False  # decode in bands (``--banded-decode``): same images up to rounding, less memory
+    banded_decode: bool | None = None  # decode in bands (``--banded-decode``; None: the pipeline's default): the
+    # same images up to rounding, less memory
 
     def pipeline_kwargs(self, setting_kwargs: dict) -> dict:
         """The keywords of ``pipe(...)`` for one job, given its sweep setting's keywords."""
@@ -256,8 +257,7 @@ def load_generation_pipeline(config: GenerationConfig, device: str):
     pipe = load_pipeline(config.preset, config.base, config.arch, config.pivot_encoder, device, config.dtype,
                          config.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    if config.banded_decode:
-        pipe.enable_banded_decode()
+    pipe.banded_decode = config.banded_decode  # None: the pipeline's default
     return pipe
 
 
@@ -304,10 +304,10 @@ class MemoryFallbacks:
 
     def learn(self, output, pipe) -> None:
         """Note what ``output``'s call fell back to, with a warning; a banded decode is enabled on ``pipe``."""
-        changes = output.memory_fallbacks(banded_decode_asked=pipe.decode_band_mib is not None)
+        changes = output.memory_fallbacks()
         if output.guidance is not None:
             self.guidance.update(output.guidance.fell_back)
-        if output.decoded_in_bands:
+        if output.decode_ran_out_of_memory:
             pipe.enable_banded_decode()
         if changes:
             warnings.warn(f"an image ran out of GPU memory; the later images of this run start with "

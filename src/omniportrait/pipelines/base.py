@@ -58,20 +58,22 @@ class Conditioning:
 @dataclass
 class OmniPortraitOutput:
     """Images, the identities as bound for this call, the guidance state (``None`` when it was off; its ``config``
-    is what ran), and whether the images were decoded in bands (asked for, or after running out of memory)."""
+    is what ran), whether the images were decoded in bands, and whether that was because a whole decode ran out of
+    GPU memory."""
 
     images: list[Image.Image] | torch.Tensor
     identities: list[BoundIdentity] = field(default_factory=list)
     guidance: object = None
     decoded_in_bands: bool = False
+    decode_ran_out_of_memory: bool = False
 
-    def memory_fallbacks(self, banded_decode_asked: bool) -> list[str]:
+    def memory_fallbacks(self) -> list[str]:
         """What this call went on with after running out of GPU memory, in words: "the split feature pass", "eager
-        steps" (instead of CUDA graphs), "a banded decode" (unless asked for)."""
+        steps" (instead of CUDA graphs), "a banded decode"."""
         fell_back = self.guidance.fell_back if self.guidance is not None else {}
         words = [f"the {value} feature pass" if name == "feature_pass" else "eager steps" for name, value in
                  fell_back.items()]
-        return words + ["a banded decode"] * (self.decoded_in_bands and not banded_decode_asked)
+        return words + ["a banded decode"] * self.decode_ran_out_of_memory
 
 
 def _as_prepared_reference(identity: Identity):
@@ -98,19 +100,37 @@ class OmniPortraitMixin:
 
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "pivot_encoder"]
     upcast_vae_in_fp16 = False
-    decode_band_mib: float | None = None  # set by enable_banded_decode
+    banded_decode: bool | None = None  # set by enable_banded_decode / disable_banded_decode; None: decodes_in_bands
+    decode_band_mib: float = DEFAULT_BAND_MIB
 
     def enable_banded_decode(self, band_mib: float = DEFAULT_BAND_MIB) -> None:
         """Decode latents in horizontal bands (:mod:`omniportrait.models.banded_decode`): the same image up to
         floating-point rounding, with a lower memory peak (SDXL at 1024² in fp32: 1.6 GiB of activations instead of
-        3.0, for about 1.1–1.2× the decode time). Unlike diffusers' VAE tiling, nothing is blended: each layer sees
-        the whole image."""
+        3.0 counted; on an H100 the decode's peak 9.48 instead of 12.57 GiB in the same time). Unlike diffusers' VAE
+        tiling, nothing is blended: each layer sees the whole image. The default where the decode runs in fp32 on
+        CUDA (:meth:`decodes_in_bands`)."""
         if not band_mib > 0:
             raise ConfigError(f"decode band size must be a positive number of MiB, got {band_mib}")
-        self.decode_band_mib = band_mib
+        self.banded_decode, self.decode_band_mib = True, band_mib
 
     def disable_banded_decode(self) -> None:
-        self.decode_band_mib = None
+        """Decode with diffusers' whole decode (a decode that runs out of GPU memory is still done in bands)."""
+        self.banded_decode = False
+
+    def decodes_in_bands(self) -> bool:
+        """Whether the decode runs in bands: as :meth:`enable_banded_decode` / :meth:`disable_banded_decode` set it,
+        else where an fp16 pipeline's VAE decodes in fp32 on CUDA (SDXL's ``force_upcast``, as diffusers does). There
+        the whole decode is a generation's peak: diffusers' own SDXL pipeline peaks at 12.12 GiB at 1024² (H100),
+        above the 12 GiB a generation is meant to fit, and the banded decode takes as long (H100, 20eee37,
+        ``benchmarks/profile_step.py``: 136.9 / 125.4 ms in bands, 127.4 / 128.4 ms whole, two runs)."""
+        if self.banded_decode is not None:
+            return self.banded_decode
+        return self.vae.device.type == "cuda" and self.upcasts_vae()
+
+    def upcasts_vae(self) -> bool:
+        """Whether the VAE runs in fp32 for this pipeline's calls, where fp16 overflows (SDXL's ``force_upcast``)."""
+        vae = self.vae
+        return self.upcast_vae_in_fp16 and vae.dtype == torch.float16 and vae.config.force_upcast
 
     @classmethod
     def from_diffusers(cls, pipe, pivot_encoder=None):
@@ -188,8 +208,7 @@ class OmniPortraitMixin:
     @contextmanager
     def vae_in_working_precision(self):
         """Yield the VAE, in fp32 for the call where fp16 overflows (SDXL's ``force_upcast``), as diffusers does."""
-        vae = self.vae
-        upcast = self.upcast_vae_in_fp16 and vae.dtype == torch.float16 and vae.config.force_upcast
+        vae, upcast = self.vae, self.upcasts_vae()
         # torch's own Module.to: diffusers' override logs a float32-modules warning on every dtype cast
         if upcast:
             torch.nn.Module.to(vae, torch.float32)
@@ -211,21 +230,23 @@ class OmniPortraitMixin:
         return self.decode_images(latents, output_type, generator)[0]
 
     @torch.no_grad()
-    def decode_images(self, latents: torch.Tensor, output_type: str, generator=None) -> tuple[object, bool]:
-        """The images, and whether they were decoded in bands (asked for, or after running out of memory)."""
+    def decode_images(self, latents: torch.Tensor, output_type: str, generator=None) -> tuple[object, bool, bool]:
+        """The images, whether they were decoded in bands, and whether because a whole decode ran out of memory."""
         if output_type == "latent":
-            return latents, False
+            return latents, False, False
+        in_bands = self.decodes_in_bands()
         with self.vae_in_working_precision() as vae:
             latents = latents.to(vae.dtype) / vae.config.scaling_factor
-            image, banded = self.decode_latents(vae, latents, generator)
-        return self.image_processor.postprocess(image, output_type=output_type), banded
+            image, ran_out_of_memory = self.decode_latents(vae, latents, in_bands, generator)
+        images = self.image_processor.postprocess(image, output_type=output_type)
+        return images, in_bands or ran_out_of_memory, ran_out_of_memory
 
-    def decode_latents(self, vae, latents: torch.Tensor, generator=None) -> tuple[torch.Tensor, bool]:
-        """diffusers' VAE decode, or the banded one when enabled. A whole decode that runs out of GPU memory (SDXL's
-        fp32 decode is where its plain generation peaks) is done again in bands, with a warning: the same image up to
-        rounding, instead of losing the sampled latents."""
-        if self.decode_band_mib is not None:
-            return decode_in_bands(vae, latents, self.decode_band_mib), True
+    def decode_latents(self, vae, latents: torch.Tensor, in_bands: bool, generator=None) -> tuple[torch.Tensor, bool]:
+        """The banded decode, or diffusers' whole one; and whether the whole one ran out of GPU memory, in which case
+        (SDXL's fp32 decode is where its plain generation peaks) it is done again in bands, with a warning: the same
+        image up to rounding, instead of losing the sampled latents."""
+        if in_bands:
+            return decode_in_bands(vae, latents, self.decode_band_mib), False
         try:
             return vae.decode(latents, return_dict=False, generator=generator)[0], False
         except torch.OutOfMemoryError:
@@ -279,9 +300,10 @@ class OmniPortraitMixin:
                                    guidance.noise if guidance else None)
         if guidance is not None:
             guidance.finish()
-        images, banded = self.decode_images(latents, output_type, generator)
+        images, in_bands, ran_out_of_memory = self.decode_images(latents, output_type, generator)
         self.maybe_free_model_hooks()
-        return OmniPortraitOutput(images=images, identities=bound, guidance=guidance, decoded_in_bands=banded)
+        return OmniPortraitOutput(images=images, identities=bound, guidance=guidance, decoded_in_bands=in_bands,
+                                  decode_ran_out_of_memory=ran_out_of_memory)
 
     def reference_guidance(self, config: RBGuidanceConfig | None, bound, height, width, num_images):
         """The RB-Guidance state for this call, or ``None`` when it is off or there is no identity."""
