@@ -24,7 +24,7 @@ export PYTHONPATH="$SITE:$PWD/src:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee "$OUT/env.txt"
 "$PYTHON" -m omniportrait.cli bench --reference examples/astronaut.jpg --models ${MODELS:-random-sdxl random-sd15} \
-    --variants ${VARIANTS:-rb-off rb-cfg rb-split rb-cfg-interval-2 rb-cfg-graph rb-split-graph \
+    --variants ${VARIANTS:-rb-default rb-off rb-cfg rb-split rb-cfg-interval-2 rb-cfg-graph rb-split-graph \
     rb-split-interval-2-graph rb-off-banded rb-cfg-banded rb-split-graph-banded rb-cfg-gelu rb-cfg-graph-banded} \
     --steps "${STEPS:-50}" --repeats "${REPEATS:-1}" --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
 grep -iE "warn|error" "$OUT/bench.err" | sort | uniq -c | head -5  # e.g. a CUDA graph that could not be captured

@@ -119,11 +119,12 @@ def test_banded_variants_decode_in_bands_and_the_others_do_not(monkeypatch, astr
     banded_calls = []
     decode = base.decode_in_bands
     monkeypatch.setattr(base, "decode_in_bands", lambda *args: banded_calls.append(args[2]) or decode(*args))
-    config = BenchConfig("tiny-sd15", steps=1, repeats=1, variants=("rb-off-banded", "rb-off"))
+    config = BenchConfig("tiny-sd15", steps=1, repeats=1, variants=("rb-off-banded", "rb-off", "rb-default"))
     seen = []
     run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32, on_call=seen.append)
-    assert seen == [PLAIN] * 2 + ["rb-off-banded", "rb-off"] * 2 + [PLAIN_AFTER]
-    assert banded_calls == [DEFAULT_BAND_MIB] * 2  # the banded variant's warm-up and timed calls, no other
+    assert seen == [PLAIN] * 2 + ["rb-off-banded", "rb-off", "rb-default"] * 2 + [PLAIN_AFTER]
+    assert banded_calls == [DEFAULT_BAND_MIB] * 2  # the banded variant's warm-up and timed calls, no other (the
+    # default decodes whole on the CPU)
 
 
 def test_the_banded_decode_call_matches_the_decode_and_leaves_the_pipeline_as_it_was(astronaut_reference):

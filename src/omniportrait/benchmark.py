@@ -39,10 +39,10 @@ PLAIN_AFTER = f"{PLAIN}-after"  # the same pipeline timed again once ours have r
 @dataclass(frozen=True)
 class Variant:
     """One way of generating that the bench times: diffusers' own pipeline (``guidance=None``), or ours with this
-    guidance and decode."""
+    guidance and decode (``banded_decode=None``: the pipeline's default, :meth:`decodes_in_bands`)."""
 
     guidance: RBGuidanceConfig | None
-    banded_decode: bool = False
+    banded_decode: bool | None = False
 
     @property
     def needs_cuda(self) -> bool:
@@ -52,6 +52,7 @@ class Variant:
 EAGER, GRAPHED = RBGuidanceConfig(cuda_graph=False), RBGuidanceConfig(cuda_graph=True)  # "-graph" names the latter
 VARIANTS: dict[str, Variant] = {
     PLAIN: Variant(None),
+    "rb-default": Variant(RBGuidanceConfig(), banded_decode=None),  # what a call gets by default on the device
     "rb-off": Variant(RBGuidanceConfig(enabled=False)),
     "rb-cfg": Variant(EAGER),
     "rb-split": Variant(replace(EAGER, feature_pass="split")),
@@ -263,10 +264,7 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
             return lambda: plain(PROMPT, **common, generator=generator())
 
         def generate():
-            if variant.banded_decode:
-                ours.enable_banded_decode()
-            else:
-                ours.disable_banded_decode()
+            ours.banded_decode = variant.banded_decode
             output = ours(PROMPT, identities, **common, generator=generator(), rb_guidance=variant.guidance)
             fell_back = " and ".join(output.memory_fallbacks())
             if fell_back:  # reported as this variant's failure
@@ -378,11 +376,7 @@ def report_entry(config: BenchConfig, device: torch.device, dtype: torch.dtype, 
 
 def decoded(pipe, latents: torch.Tensor, in_bands: bool) -> torch.Tensor:
     """The pipeline's decode, in bands or whole (whatever its default), for this call only."""
-    before = pipe.banded_decode
-    if in_bands:
-        pipe.enable_banded_decode()
-    else:
-        pipe.disable_banded_decode()
+    before, pipe.banded_decode = pipe.banded_decode, in_bands
     try:
         return pipe.decode(latents, "pt")
     finally:
