@@ -64,8 +64,9 @@ class GraphedStep:
     """``fn(*inputs) -> outputs``: eager on the first call (the warm-up), captured then, replayed after.
 
     Replayed outputs are the same tensors every call, overwritten by the next one. If the capture fails, a warning
-    says why and every later call runs ``fn`` eagerly. ``backend`` is a class whose instances provide ``warm_up``
-    and ``capture`` (:class:`CudaGraphs`).
+    says why and every later call runs ``fn`` eagerly; if it runs out of GPU memory, the error is raised, as one from
+    the warm-up is, for the caller to go on with less, and nothing is captured. ``backend`` is a class whose
+    instances provide ``warm_up`` and ``capture`` (:class:`CudaGraphs`).
     """
 
     def __init__(self, fn: Callable, backend=CudaGraphs):
@@ -91,7 +92,10 @@ class GraphedStep:
         self.inputs = tuple(value.detach().clone() for value in inputs)
         try:
             self.replay, self.outputs = self.backend.capture(self.fn, self.inputs)
-        except Exception as error:  # any failure to capture leaves a correct, slower generation, not a crash
+        except torch.OutOfMemoryError:
+            self.inputs = ()
+            raise
+        except Exception as error:  # any other failure to capture leaves a correct, slower generation, not a crash
             self.eager, self.inputs = True, ()
             warnings.warn(f"{CAPTURE_FAILED}: {type(error).__name__}: {error}", stacklevel=4)
 

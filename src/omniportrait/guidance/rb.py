@@ -274,19 +274,22 @@ class ReferenceGuidance:
 
     def replayed(self, kind: str, compute, eager, latents, t, cond, guidance_scale: float):
         """``compute``'s step as the ``kind`` CUDA graph (:meth:`graphed`). A replay allocates nothing; if the first
-        call (the eager warm-up before the capture) runs out of GPU memory, a guided ``cfg`` step is captured with
+        call (the eager warm-up, then the capture) runs out of GPU memory, a guided ``cfg`` step is captured with
         the ``split`` pass instead (SDXL 1024² on the H100: 9.87 instead of 11.73 GiB, as fast), and any other
-        step and the later ones run ``eager`` (which may fall back further), each with a warning."""
+        step and the later ones run ``eager`` (which may fall back further), each with a warning. A step whose
+        capture failed otherwise runs ``eager`` too."""
         step = self.graphed(kind, compute, cond, guidance_scale)
 
         def replay():
             return step(latents, self.as_tensor(t, latents))
 
         def captured_again():
-            del self._graphs[kind]  # its warm-up failed: nothing captured, nothing held
+            del self._graphs[kind]  # its warm-up or capture failed: nothing captured, nothing held
             return self.replayed(kind, compute, eager, latents, t, cond, guidance_scale)
 
-        if step.replay is not None or step.eager:
+        if step.eager:
+            return eager(latents, t, cond, guidance_scale)
+        if step.replay is not None:
             return replay()
         if kind == "guided" and self.config.feature_pass == "cfg" and cond.do_cfg:
             return self.out_of_memory_fallback(replay, captured_again, SPLIT_AFTER_OUT_OF_MEMORY, feature_pass="split")
