@@ -366,7 +366,8 @@ def test_every_capture_on_a_device_runs_on_one_side_stream(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
-    current = SimpleNamespace(wait_stream=lambda other: None)
+    waited = []
+    current = SimpleNamespace(wait_stream=waited.append)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: current)
     graph.side_stream.cache_clear()
     try:
@@ -374,6 +375,13 @@ def test_every_capture_on_a_device_runs_on_one_side_stream(monkeypatch):
         for backend in (first, second, first):
             backend.warm_up(lambda x: x + 1, (torch.zeros(1),))
         assert first.stream is second.stream and isinstance(first.stream, FakeStream)
-        assert FakeStream.made == 1
+        assert FakeStream.made == 1 and waited == [first.stream] * 3
+
+        def out_of_memory(x):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        with pytest.raises(torch.OutOfMemoryError):
+            first.warm_up(out_of_memory, (torch.zeros(1),))
+        assert waited == [first.stream] * 4  # the main stream waits for the failed step's queued kernels too
     finally:
         graph.side_stream.cache_clear()

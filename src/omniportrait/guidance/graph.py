@@ -44,13 +44,16 @@ class CudaGraphs:
         return None
 
     def warm_up(self, fn: Callable, inputs: tuple):
-        """One eager call on the side stream, as CUDA requires before a capture (its result is the step's)."""
+        """One eager call on the side stream, as CUDA requires before a capture (its result is the step's). The
+        main stream then waits for it, also when it fails (out of memory, say): what runs next there, such as
+        restoring the running-mean attention the step updates in place, must not overtake its queued kernels."""
         self.stream = side_stream(inputs[0].device)
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            outputs = fn(*inputs)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return outputs
+        try:
+            with torch.cuda.stream(self.stream):
+                return fn(*inputs)
+        finally:
+            torch.cuda.current_stream().wait_stream(self.stream)
 
     def capture(self, fn: Callable, inputs: tuple) -> tuple[Callable[[], None], object]:
         """Record ``fn(*inputs)``; returns the replay call and the outputs every replay writes."""
