@@ -13,6 +13,7 @@ from pathlib import Path
 
 OFF_RATIO = 1.03  # guidance off, × diffusers' plain pipeline
 FULL_RATIO, FULL_PEAK_GIB = 1.6, 12.0  # the full method on SDXL at 1024², every component loaded
+PLAIN = "diffusers-plain"
 LEFTOVER_GIB = 0.01  # more allocated than plain's at a call's start that counts as left by earlier calls
 
 
@@ -83,9 +84,9 @@ def leftover_lines(report: list[dict]) -> list[str]:
     lines = []
     for entry in [entry for entry in report if entry["rows"]]:
         starts = {row["variant"]: row.get("start_gib") for row in entry["rows"] if row.get("start_gib") is not None}
-        if not starts:
+        base = starts.pop(PLAIN, None)  # diffusers' plain pipeline's, before any of ours ran
+        if base is None:  # off CUDA, or plain failed
             continue
-        base = starts.pop(next(iter(starts)))  # the first row's: diffusers' plain pipeline, before any of ours
         more = {variant: start - base for variant, start in starts.items() if start - base > LEFTOVER_GIB}
         if more:
             named = ", ".join(f"`{variant}` +{gib:.2f}" for variant, gib in more.items())

@@ -75,7 +75,7 @@ def generation_under(pipe, identities, size: int, steps: int, device: torch.devi
 
 def format_card_row(row: CardRow) -> str:
     if row.error is not None:
-        return f"| {row.limit_gib:g} | failed: {row.error} | | | |"
+        return f"| {row.limit_gib:g} | failed: {row.error} | | |"
     peak = "n/a" if row.memory.peak is None else f"{row.memory.peak:.2f}"
     return (f"| {row.limit_gib:g} | {row.seconds:.2f} | {peak} | "
             f"{', '.join(row.went_on_with) or 'nothing: ran as asked'} |")

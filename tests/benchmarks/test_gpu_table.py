@@ -60,8 +60,10 @@ def test_memory_an_earlier_call_left_is_named_with_how_much():
     leaky = [row("diffusers-plain", 3.6, 1.0, 12.1, start=7.45), row("rb-cfg-graph", 4.4, 1.2, 12.2, start=7.55),
              row("rb-cfg-graph-banded", 4.4, 1.2, 12.2, start=8.15)]
     on_cpu = [row("diffusers-plain", 1.0, 1.0), row("rb-cfg", 1.5, 1.5)]
+    plain_failed = [row("diffusers-plain", None, None, error="RuntimeError: boom"),
+                    row("rb-cfg", 4.4, None, 12.2, start=7.45), row("rb-split", 4.6, None, 10.2, start=7.55)]
     lines = leftover_lines([entry("random-sdxl", 1024, clean), entry("random-sd15", 512, leaky),
-                            entry("tiny-sd15", 64, on_cpu)])
+                            entry("tiny-sd15", 64, on_cpu), entry("random-sdxl", 768, plain_failed)])
     assert lines == ["- random-sdxl 1024²: every call began with what plain's did (7.45 GiB, within 0.01 GiB): no "
                      "peak counts what an earlier call left",
                      "- random-sd15 512²: calls began with more allocated than plain's (7.45 GiB), left by earlier "

@@ -26,6 +26,6 @@ def test_what_a_generation_went_on_with_and_a_failure_are_its_row(monkeypatch, t
     monkeypatch.setattr(rb.torch.autograd, "grad", out_of_memory_on_calls(torch.autograd.grad))  # split too
     failed = generation_under(tiny_pipe, identities, 64, 3, cpu, 8)
     assert failed.error.startswith("OutOfMemoryError: CUDA out of memory (simulated)") and failed.seconds is None
-    assert format_card_row(failed) == f"| 8 | failed: {failed.error} | | | |"
+    assert format_card_row(failed) == f"| 8 | failed: {failed.error} | | |"  # the header's four columns
     assert format_card_row(CardRow(12, 4.5, CallMemory(7.5, 11.61), ("a banded decode",))) == (
         "| 12 | 4.50 | 11.61 | a banded decode |")

@@ -236,6 +236,45 @@ def test_non_finite_gradients_are_counted_on_replayed_steps(emulated, tiny_pipe,
     assert np.isfinite(out.images).all()
 
 
+def test_a_capture_out_of_memory_after_its_warm_up_counted_a_non_finite_gradient_counts_it_once(
+        monkeypatch, emulated, tiny_pipe, astronaut_reference):
+    capture = EmulatedGraphs.capture
+
+    def out_of_memory_once(fn, inputs):  # the first guided capture, after its warm-up counted the step
+        captured = capture(fn, inputs)
+        if emulated.calls["capture"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return captured
+
+    monkeypatch.setattr(EmulatedGraphs, "capture", staticmethod(out_of_memory_once))
+    with pytest.warns(UserWarning) as caught:
+        out = generate(tiny_pipe, astronaut_reference, strength=float("inf"), start=1.0, cuda_graph=True)
+    assert out.guidance.fell_back == {"feature_pass": "split"}
+    assert out.guidance.record.skipped_steps == 6  # 6 steps, each counted once
+    assert any("non-finite gradient on 6 step" in str(warning.message) for warning in caught)
+
+
+def test_a_step_whose_capture_failed_runs_eagerly_with_the_eager_fallbacks(monkeypatch, emulated, tiny_pipe,
+                                                                          astronaut_reference):
+    """A guided capture that fails for another reason leaves eager steps, whose batched cfg pass may still run out
+    of memory and go on with the split pass."""
+    from tests.conftest import out_of_memory_on_calls
+
+    def no_capture(fn, inputs):
+        raise RuntimeError("capture failed (simulated)")
+
+    eager_split = generate(tiny_pipe, astronaut_reference, feature_pass="split", start=1.0)
+    monkeypatch.setattr(EmulatedGraphs, "capture", staticmethod(no_capture))
+    monkeypatch.setattr(ReferenceGuidance, "cfg_pass", out_of_memory_on_calls(ReferenceGuidance.cfg_pass, first=2))
+    with pytest.warns(UserWarning) as caught:
+        out = generate(tiny_pipe, astronaut_reference, cuda_graph=True, start=1.0)
+    messages = [str(warning.message) for warning in caught]
+    assert any(message.startswith("a sampling step could not be captured") for message in messages)
+    assert any("use the split pass" in message for message in messages)
+    assert out.guidance.fell_back == {"feature_pass": "split"}
+    assert np.abs(out.images - eager_split.images).max() < 1e-5
+
+
 def test_cuda_graphs_on_the_cpu_are_a_clear_error(tiny_pipe, astronaut_reference):
     with pytest.raises(ConfigError, match="need a CUDA device"):
         generate(tiny_pipe, astronaut_reference, cuda_graph=True)

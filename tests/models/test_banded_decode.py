@@ -124,3 +124,18 @@ def test_bands_lower_the_peak_of_the_real_sdxl_decode_at_1024():
     banded_peak = decode_peak_gib(model, z, 32)
     assert diffusers_peak == pytest.approx(3.0, abs=0.01)  # 256 channels at 1024², three of them at once
     assert banded_peak < 0.55 * diffusers_peak  # the last block's resnets hold their input and output only
+
+
+def test_an_offloaded_vae_is_moved_by_its_hook_before_the_bands_run(vae):
+    """accelerate's offloading moves a module to its device in a hook that diffusers' decode calls; the bands call
+    the decoder's layers directly, so they call it too."""
+    from types import SimpleNamespace
+
+    moved = []
+    vae._hf_hook = SimpleNamespace(pre_forward=moved.append)
+    try:
+        with torch.no_grad():
+            decode_in_bands(vae, latents(8, 8), ONE_ROW)
+    finally:
+        del vae._hf_hook
+    assert moved == [vae]

@@ -86,10 +86,8 @@ def test_a_decode_that_runs_out_of_memory_is_done_in_bands(arch, monkeypatch):
 ])
 def test_the_decode_runs_in_bands_by_default_where_the_vae_is_upcast_on_cuda(arch, dtype, device, default,
                                                                              monkeypatch):
-    from diffusers import AutoencoderKL
-
     pipe = build(arch).to(dtype)
-    monkeypatch.setattr(AutoencoderKL, "device", property(lambda vae: torch.device(device)))
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda pipe: torch.device(device)))
     assert pipe.banded_decode is None and pipe.decodes_in_bands() is default
     pipe.disable_banded_decode()
     assert pipe.decodes_in_bands() is False
@@ -149,3 +147,11 @@ def test_a_generation_that_fails_midway_leaves_the_pipeline_as_it_was(arch, astr
             generate(pipe)
     assert pipeline_state(pipe) == before
     assert torch.equal(generate(pipe), generate(fresh))
+
+
+def test_a_vae_the_bands_do_not_support_decodes_whole_and_says_so():
+    pipe = build("sdxl")
+    pipe.enable_banded_decode()
+    pipe.vae.enable_tiling()  # diffusers' tiles instead
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert pipe.decode_images(latents, "np")[1:] == (False, False)

@@ -284,6 +284,7 @@ def generate_images(jobs: list[Job], references: dict[str, Reference], workspace
                           generator=torch.Generator("cpu").manual_seed(job.seed), **kwargs)
             fallbacks.learn(output, pipe)
             image = output.images[0]
+            del output  # its guidance state, not held through the next image's generation
             save_image_atomic(image, workspace.image_path(job))
             record = {"job": job.describe(), "generation": workspace.key(job), "scores": {}, "score_models": {},
                       "elapsed_s": round(time.perf_counter() - started, 3)}

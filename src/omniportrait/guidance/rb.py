@@ -77,6 +77,16 @@ class StepRecord:
             self.nonfinite = torch.zeros((), dtype=torch.int32, device=finite.device)
         self.nonfinite.add_((~finite).int())
 
+    def nonfinite_state(self) -> torch.Tensor | None:
+        """A copy of the non-finite count, for :meth:`restore_nonfinite` (a step that failed after counting)."""
+        return None if self.nonfinite is None else self.nonfinite.clone()
+
+    def restore_nonfinite(self, state: torch.Tensor | None) -> None:
+        if state is None:
+            self.nonfinite = None
+        else:
+            self.nonfinite.copy_(state)
+
     def copied(self) -> "StepRecord":
         """This record with its own copies of the last step's tensors (a replayed CUDA graph's outputs live in the
         graph's memory pool, which is freed only once nothing refers to it)."""
@@ -297,15 +307,17 @@ class ReferenceGuidance:
                                            EAGER_AFTER_OUT_OF_MEMORY, cuda_graph=False)
 
     def out_of_memory_fallback(self, step, fallback, warning: str, **changes):
-        """``step()``; if it runs out of GPU memory: the running-mean attention as before it, ``changes`` made to
-        the config for the rest of the call (captured steps dropped with their memory once ``cuda_graph`` is off),
-        ``warning``, and ``fallback()``. The images then equal a call that ran with ``changes`` from the start."""
-        running_mean = self.store.running_mean_state()
+        """``step()``; if it runs out of GPU memory: the running-mean attention and the non-finite count as before
+        it (a capture that runs out of memory does so after its warm-up updated both), ``changes`` made to the config
+        for the rest of the call (captured steps dropped with their memory once ``cuda_graph`` is off), ``warning``,
+        and ``fallback()``. The images and counts then equal a call that ran with ``changes`` from the start."""
+        running_mean, nonfinite = self.store.running_mean_state(), self.record.nonfinite_state()
         try:
             return step()
         except torch.OutOfMemoryError:
             pass  # taken again below, once the error's traceback no longer holds the failed step's tensors
         self.store.restore_running_mean(running_mean)
+        self.record.restore_nonfinite(nonfinite)
         self.config = replace(self.config, **changes)
         self.fell_back.update(changes)
         if not self.config.cuda_graph:

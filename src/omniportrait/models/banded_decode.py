@@ -36,6 +36,9 @@ def decode_in_bands(vae, latents: torch.Tensor, band_mib: float = DEFAULT_BAND_M
     ``band_mib`` MiB (at least one row each)."""
     if not supports_bands(vae):
         return vae.decode(latents, return_dict=False)[0]
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None:  # accelerate's offloading: the VAE moved to its device, as diffusers' decode has it
+        hook.pre_forward(vae)
     band_bytes = int(band_mib * 2**20)
     decoder = vae.decoder
     sample = vae.post_quant_conv(latents) if vae.post_quant_conv is not None else latents

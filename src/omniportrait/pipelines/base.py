@@ -19,7 +19,7 @@ from omniportrait.attention import sampling_attention
 from omniportrait.blocks import sampling_blocks
 from omniportrait.errors import ConfigError
 from omniportrait.guidance.config import RBGuidanceConfig
-from omniportrait.models.banded_decode import DEFAULT_BAND_MIB, decode_in_bands
+from omniportrait.models.banded_decode import DEFAULT_BAND_MIB, decode_in_bands, supports_bands
 from omniportrait.pipelines.identity import (
     BoundIdentity,
     Identity,
@@ -125,7 +125,7 @@ class OmniPortraitMixin:
         ``benchmarks/profile_step.py``: 136.9 / 125.4 ms in bands, 127.4 / 128.4 ms whole, two runs)."""
         if self.banded_decode is not None:
             return self.banded_decode
-        return self.vae.device.type == "cuda" and self.upcasts_vae()
+        return self._execution_device.type == "cuda" and self.upcasts_vae()
 
     def upcasts_vae(self) -> bool:
         """Whether the VAE runs in fp32 for this pipeline's calls, where fp16 overflows (SDXL's ``force_upcast``)."""
@@ -234,7 +234,7 @@ class OmniPortraitMixin:
         """The images, whether they were decoded in bands, and whether because a whole decode ran out of memory."""
         if output_type == "latent":
             return latents, False, False
-        in_bands = self.decodes_in_bands()
+        in_bands = self.decodes_in_bands() and supports_bands(self.vae)  # not, say, with VAE tiling on
         with self.vae_in_working_precision() as vae:
             latents = latents.to(vae.dtype) / vae.config.scaling_factor
             image, ran_out_of_memory = self.decode_latents(vae, latents, in_bands, generator)
