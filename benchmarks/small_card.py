@@ -1,12 +1,12 @@
 """The default generation on a smaller card: CUDA's allocator capped at a few sizes, one generation under each.
 
-For each ``--limit-gib`` the process may hold at most that much GPU memory (``torch.cuda.
-set_per_process_memory_fraction``; a real card of that size also holds the CUDA context beside it), and one
-generation runs as a user's call does, with every option at its default (CUDA-graph steps, the ``cfg`` pass, on
-SDXL the decode in bands). A step or decode that runs out of memory goes on with what needs less, with a warning
-(the ``split`` pass, eager steps, a decode in bands), so each row says whether the generation finished, what it
-went on with, its time and its allocator peak. Random weights, fp16, every component on the GPU. Off CUDA no
-limit applies (the rows only check the script).
+First one generation without a limit (its peak, and the warm-up of the libraries), then for each ``--limit-gib``
+the process may hold at most that much GPU memory (``torch.cuda.set_per_process_memory_fraction``; a real card of
+that size also holds the CUDA context beside it), and one generation runs as a user's call does, with every option
+at its default (CUDA-graph steps, the ``cfg`` pass, on SDXL the decode in bands). A step or decode that runs out of
+memory goes on with what needs less, with a warning (the ``split`` pass, eager steps, a decode in bands), so each
+row says whether the generation finished, what it went on with, its time and its allocator peak. Random weights,
+fp16, every component on the GPU. Off CUDA no limit applies (the rows only check the script).
 
     python -m benchmarks.small_card --model random-sdxl --limit-gib 12 11 10
 """
@@ -38,21 +38,23 @@ EXAMPLE = "examples/astronaut.jpg"
 class CardRow:
     """One generation under one memory limit."""
 
-    limit_gib: float
+    limit_gib: float | None  # None: no limit
     seconds: float | None = None
     memory: CallMemory = CallMemory()
     went_on_with: tuple[str, ...] = ()  # what ran after running out of memory (OmniPortraitOutput.memory_fallbacks)
     error: str | None = None  # why the generation failed
 
 
-def limited(device: torch.device, limit_gib: float) -> None:
-    """Cap what CUDA's allocator may hold on ``device`` at ``limit_gib`` (nothing off CUDA)."""
+def limited(device: torch.device, limit_gib: float | None) -> None:
+    """Cap what CUDA's allocator may hold on ``device`` at ``limit_gib`` (None: the whole card; nothing off CUDA)."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gib * 2**30 / total), device)
+        fraction = 1.0 if limit_gib is None else min(1.0, limit_gib * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
-def generation_under(pipe, identities, size: int, steps: int, device: torch.device, limit_gib: float) -> CardRow:
+def generation_under(pipe, identities, size: int, steps: int, device: torch.device,
+                     limit_gib: float | None) -> CardRow:
     """One default generation with the allocator capped at ``limit_gib``."""
     release_memory(device)
     limited(device, limit_gib)
@@ -69,15 +71,16 @@ def generation_under(pipe, identities, size: int, steps: int, device: torch.devi
     except torch.OutOfMemoryError as error:
         return CardRow(limit_gib, error=failure(error))
     finally:
-        limited(device, float("inf"))
+        limited(device, None)
     return CardRow(limit_gib, seconds, memory, tuple(outputs[0].memory_fallbacks()))
 
 
 def format_card_row(row: CardRow) -> str:
+    limit = "none" if row.limit_gib is None else f"{row.limit_gib:g}"
     if row.error is not None:
-        return f"| {row.limit_gib:g} | failed: {row.error} | | |"
+        return f"| {limit} | failed: {row.error} | | |"
     peak = "n/a" if row.memory.peak is None else f"{row.memory.peak:.2f}"
-    return (f"| {row.limit_gib:g} | {row.seconds:.2f} | {peak} | "
+    return (f"| {limit} | {row.seconds:.2f} | {peak} | "
             f"{', '.join(row.went_on_with) or 'nothing: ran as asked'} |")
 
 
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (no limit applies)'}, "
           f"{str(dtype).removeprefix('torch.')}")
     print("| limit GiB | seconds | peak GiB | went on with |\n|---|---|---|---|")
-    for limit in args.limit_gib:
+    for limit in [None, *args.limit_gib]:
         print(format_card_row(generation_under(pipe, identities, size, args.steps, device, limit)), flush=True)
 
 

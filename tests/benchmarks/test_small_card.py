@@ -10,7 +10,7 @@ def test_prints_a_row_per_limit(capsys):
     main(["--model", "tiny-sd15", "--limit-gib", "12", "11", "--steps", "2"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("tiny-sd15 64², 2 steps, every option at its default, cpu (no limit applies)")
-    assert [line.split(" | ")[0] for line in lines[3:]] == ["| 12", "| 11"]
+    assert [line.split(" | ")[0] for line in lines[3:]] == ["| none", "| 12", "| 11"]
     assert all(line.endswith("| n/a | nothing: ran as asked |") for line in lines[3:])
 
 
