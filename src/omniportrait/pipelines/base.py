@@ -257,7 +257,7 @@ class OmniPortraitMixin:
                       stacklevel=4)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return decode_in_bands(vae, latents, DEFAULT_BAND_MIB), True
+        return decode_in_bands(vae, latents, self.decode_band_mib), True
 
     @torch.no_grad()
     def __call__(
