@@ -139,3 +139,17 @@ def test_an_offloaded_vae_is_moved_by_its_hook_before_the_bands_run(vae):
     finally:
         del vae._hf_hook
     assert moved == [vae]
+
+
+def test_a_vae_whose_layers_are_offloaded_one_by_one_decodes_whole():
+    """accelerate's sequential offload leaves every layer's weights on ``meta`` until that layer's own hook runs;
+    the bands read the weights directly, so such a VAE decodes as diffusers does."""
+    from accelerate import cpu_offload
+
+    offloaded, z = tiny_vae().eval(), latents(8, 8)
+    with torch.no_grad():
+        expected = offloaded.decode(z, return_dict=False)[0]
+        cpu_offload(offloaded, execution_device=torch.device("cpu"))
+        assert offloaded.decoder.conv_out.weight.device.type == "meta"
+        assert not supports_bands(offloaded)
+        assert torch.equal(decode_in_bands(offloaded, z, ONE_ROW), expected)

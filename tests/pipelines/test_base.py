@@ -155,3 +155,16 @@ def test_a_vae_the_bands_do_not_support_decodes_whole_and_says_so():
     pipe.vae.enable_tiling()  # diffusers' tiles instead
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert pipe.decode_images(latents, "np")[1:] == (False, False)
+
+
+def test_the_reference_is_encoded_on_the_execution_device_where_the_vae_is_offloaded():
+    """Model offload keeps the VAE on the CPU until its hook moves it, not its inputs, to the execution device
+    (``meta`` stands in for CUDA here), as diffusers' pipelines send their images there."""
+    from accelerate import cpu_offload_with_hook
+
+    pipe = build("sd15")
+    cpu_offload_with_hook(pipe.vae, execution_device=torch.device("meta"))
+    assert pipe.vae.device.type == "cpu" and pipe._execution_device.type == "meta"
+    latents = pipe.encode_image_latents(torch.zeros(1, 3, 16, 16))
+    side = 16 // pipe.vae_scale_factor
+    assert latents.device.type == "meta" and latents.shape == (1, 4, side, side)

@@ -55,7 +55,7 @@ def decode_in_bands(vae, latents: torch.Tensor, band_mib: float = DEFAULT_BAND_M
 
 def supports_bands(vae) -> bool:
     """A KL decoder made of the layers this module reimplements (diffusers' SD/SDXL VAEs), used without grad,
-    tiling or a spatial norm."""
+    tiling, a spatial norm or hooks on its layers."""
     from diffusers import AutoencoderKL
     from diffusers.models.autoencoders.vae import Decoder
     from diffusers.models.resnet import ResnetBlock2D
@@ -65,7 +65,7 @@ def supports_bands(vae) -> bool:
     if not isinstance(vae, AutoencoderKL) or type(vae.decoder) is not Decoder:
         return False
     decoder = vae.decoder
-    if torch.is_grad_enabled() or vae.use_tiling:
+    if torch.is_grad_enabled() or vae.use_tiling or hooked_layers(vae):
         return False
     if not isinstance(decoder.conv_norm_out, nn.GroupNorm) or not isinstance(decoder.conv_act, nn.SiLU):
         return False
@@ -77,6 +77,14 @@ def supports_bands(vae) -> bool:
         if not all(type(up) is Upsample2D and plain_upsampler(up) for up in block.upsamplers or []):
             return False
     return True
+
+
+def hooked_layers(vae) -> bool:
+    """Whether a layer below the VAE itself carries an accelerate or diffusers hook: sequential CPU offload leaves
+    the weights on ``meta`` until the layer's hook runs, layerwise casting stores them in another dtype, and the
+    bands read weights directly. (A hook on the VAE itself, model offload's, is called: :func:`decode_in_bands`.)"""
+    return any(hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")
+               for module in vae.modules() if module is not vae)
 
 
 def plain_resnet(resnet) -> bool:

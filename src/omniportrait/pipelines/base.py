@@ -222,7 +222,7 @@ class OmniPortraitMixin:
     def encode_image_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Scaled VAE latent means (fp32) of ``pixels`` in [-1, 1], e.g. the reference of Reference-Based Guidance."""
         with self.vae_in_working_precision() as vae:
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+            latents = vae.encode(pixels.to(self._execution_device, vae.dtype)).latent_dist.mean
         return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
