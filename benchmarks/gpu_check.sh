@@ -34,7 +34,8 @@ grep -iE "warn|error" "$OUT/bench.err" | sort | uniq -c | head -5  # e.g. a CUDA
 "$PYTHON" -m omniportrait.cli bench --reference examples/astronaut.jpg --models ${MODELS:-random-sdxl random-sd15} \
     --variants diffusers-plain --steps "${STEPS:-50}" --repeats "${REPEATS:-1}" --json "$OUT/plain-alone.json" \
     2>>"$OUT/bench.err" | tee "$OUT/plain-alone.txt"
-"$PYTHON" benchmarks/gpu_table.py "$OUT/bench.json" > "$OUT/bench-table.md"  # for benchmarks/README.md
+"$PYTHON" benchmarks/gpu_table.py "$OUT/bench.json" > "$OUT/bench-table.md" \
+    || echo "gpu_table.py exited $? (bench.json missing or incomplete?)"  # the table for benchmarks/README.md
 sed -n '/^Targets/,$p' "$OUT/bench-table.md"  # the variants within the targets
 # the default generation with the allocator capped at 12, 11 and 10 GiB: what it went on with, or that it failed
 [ "${SMALL_CARD:-random-sdxl}" = none ] || "$PYTHON" -m benchmarks.small_card --model "${SMALL_CARD:-random-sdxl}" \

@@ -80,7 +80,8 @@ def target_lines(report: list[dict]) -> list[str]:
 
 def leftover_lines(report: list[dict]) -> list[str]:
     """Per model measured on CUDA, whether any variant's calls began with more allocated than diffusers' plain
-    pipeline's (the weights): what earlier calls left, which that variant's peak counts too."""
+    pipeline's (the weights): cuBLAS's workspaces of the streams and threads ours use, or what earlier calls left,
+    which that variant's peak counts too."""
     lines = []
     for entry in [entry for entry in report if entry["rows"]]:
         starts = {row["variant"]: row.get("start_gib") for row in entry["rows"] if row.get("start_gib") is not None}
@@ -90,8 +91,10 @@ def leftover_lines(report: list[dict]) -> list[str]:
         more = {variant: start - base for variant, start in starts.items() if start - base > LEFTOVER_GIB}
         if more:
             named = ", ".join(f"`{variant}` +{gib:.2f}" for variant, gib in more.items())
-            lines.append(f"- {model_name(entry)}: calls began with more allocated than plain's ({base:.2f} GiB), left "
-                         f"by earlier calls and counted in their peaks: {named} GiB")
+            lines.append(f"- {model_name(entry)}: calls began with more allocated than plain's ({base:.2f} GiB), "
+                         f"counted in their peaks: {named} GiB (cuBLAS keeps a workspace for each stream and thread "
+                         "that ran a matrix product, which a first call allocates too; beyond those, earlier calls "
+                         "left it)")
         else:
             lines.append(f"- {model_name(entry)}: every call began with what plain's did ({base:.2f} GiB, within "
                          f"{LEFTOVER_GIB} GiB): no peak counts what an earlier call left")

@@ -5,8 +5,9 @@ the process may hold at most that much GPU memory (``torch.cuda.set_per_process_
 that size also holds the CUDA context beside it), and one generation runs as a user's call does, with every option
 at its default (CUDA-graph steps, the ``cfg`` pass, on SDXL the decode in bands). A step or decode that runs out of
 memory goes on with what needs less, with a warning (the ``split`` pass, eager steps, a decode in bands), so each
-row says whether the generation finished, what it went on with, its time and its allocator peak. Random weights,
-fp16, every component on the GPU. Off CUDA no limit applies (the rows only check the script).
+row says whether the generation finished, what it went on with, the warnings it gave, its time, and what the
+allocator held when it began and at its peak. Random weights, fp16, every component on the GPU. Off CUDA no limit
+applies (the rows only check the script).
 
     python -m benchmarks.small_card --model random-sdxl --limit-gib 12 11 10
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from benchmarks.gpu_table import number
 from omniportrait.benchmark import (
     MODELS,
     PROMPT,
@@ -32,6 +34,7 @@ from omniportrait.benchmark import (
 )
 
 EXAMPLE = "examples/astronaut.jpg"
+WARNING_WIDTH = 120  # characters of a warning a row shows
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class CardRow:
     seconds: float | None = None
     memory: CallMemory = CallMemory()
     went_on_with: tuple[str, ...] = ()  # what ran after running out of memory (OmniPortraitOutput.memory_fallbacks)
+    warned: tuple[str, ...] = ()  # each warning the generation gave, once (a CUDA graph not captured, say)
     error: str | None = None  # why the generation failed
 
 
@@ -65,23 +69,28 @@ def generation_under(pipe, identities, size: int, steps: int, device: torch.devi
                             generator=torch.Generator().manual_seed(0)))
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # what they say is in the row
+        with warnings.catch_warnings(record=True) as caught:  # printed in the row
+            warnings.simplefilter("always")
             seconds, memory = timed_once(generate, device)
-    except torch.OutOfMemoryError as error:
+    except Exception as error:  # out of memory, or anything else: the next limit still runs
         return CardRow(limit_gib, error=failure(error))
     finally:
         limited(device, None)
-    return CardRow(limit_gib, seconds, memory, tuple(outputs[0].memory_fallbacks()))
+    return CardRow(limit_gib, seconds, memory, tuple(outputs[0].memory_fallbacks()), warning_lines(caught))
+
+
+def warning_lines(caught: list[warnings.WarningMessage], width: int = WARNING_WIDTH) -> tuple[str, ...]:
+    """Each distinct warning's first line, cut to ``width`` characters."""
+    return tuple(dict.fromkeys(str(warning.message).partition("\n")[0][:width] for warning in caught))
 
 
 def format_card_row(row: CardRow) -> str:
     limit = "none" if row.limit_gib is None else f"{row.limit_gib:g}"
     if row.error is not None:
-        return f"| {limit} | failed: {row.error} | | |"
-    peak = "n/a" if row.memory.peak is None else f"{row.memory.peak:.2f}"
-    return (f"| {limit} | {row.seconds:.2f} | {peak} | "
-            f"{', '.join(row.went_on_with) or 'nothing: ran as asked'} |")
+        return f"| {limit} | failed: {row.error} | | | | |"
+    start, peak = (number(value, 2) for value in (row.memory.start, row.memory.peak))
+    return (f"| {limit} | {row.seconds:.2f} | {start} | {peak} | "
+            f"{', '.join(row.went_on_with) or 'nothing: ran as asked'} | {'; '.join(row.warned) or 'none'} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model} {size}², {args.steps} steps, every option at its default, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (no limit applies)'}, "
           f"{str(dtype).removeprefix('torch.')}")
-    print("| limit GiB | seconds | peak GiB | went on with |\n|---|---|---|---|")
+    print("| limit GiB | seconds | start GiB | peak GiB | went on with | warnings |\n|---|---|---|---|---|---|")
     for limit in [None, *args.limit_gib]:
         print(format_card_row(generation_under(pipe, identities, size, args.steps, device, limit)), flush=True)
 
