@@ -320,6 +320,18 @@ def test_an_offloaded_unet_runs_eagerly_unless_graphs_are_asked_for(emulated, ti
     assert emulated.calls["capture"] == 0
 
 
+def test_asked_for_graphs_an_offloaded_unet_is_told_about_the_offloading(tiny_pipe, astronaut_reference):
+    """Not about the CPU its weights wait on between calls: moving the pipeline to CUDA would not help."""
+    bound = tiny_pipe.bind_identities(PROMPT, [Identity(astronaut_reference, "woman")])
+    block = tiny_pipe.unet.down_blocks[0]
+    block._hf_hook = object()
+    try:
+        with pytest.raises(ConfigError, match="CPU offloading moves them"):
+            ReferenceGuidance(tiny_pipe, RBGuidanceConfig(cuda_graph=True), bound, 64, 64, 1)
+    finally:
+        del block._hf_hook
+
+
 @pytest.mark.parametrize("stage", ["warm_up", "capture"])
 @pytest.mark.parametrize("failing, warned, feature_pass, graphs, captured", [
     ({1}, ["eager"], "cfg", False, 0),  # the unguided step's: every step eager

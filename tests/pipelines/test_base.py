@@ -1,6 +1,7 @@
 """The shared pipeline lifecycle: attention while sampling, VAE precision around encoding and decoding, and a
 generation that fails midway (out of memory, say) putting back what it changed."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,29 @@ def test_the_reference_is_encoded_on_the_execution_device_where_the_vae_is_offlo
     latents = pipe.encode_image_latents(torch.zeros(1, 3, 16, 16))
     side = 16 // pipe.vae_scale_factor
     assert latents.device.type == "meta" and latents.shape == (1, 4, side, side)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_a_pipeline_offloaded_layer_by_layer_generates_what_it_does_in_place(arch, astronaut_reference):
+    """accelerate's sequential offload, as ``enable_sequential_cpu_offload`` sets it up (the CPU standing in for the
+    execution device): every weight waits on ``meta`` until its layer runs, so the reference's pixels, the pivot
+    encoder's input and the reference timestep must go to the execution device, and the bands (asked for here)
+    give way to diffusers' decode, which calls each layer's hook."""
+    from accelerate import cpu_offload
+
+    from omniportrait.pipelines import Identity
+
+    def generate(pipe):
+        return pipe("a woman on the beach", [Identity(astronaut_reference, "woman")], num_inference_steps=4,
+                    output_type="np", generator=torch.Generator().manual_seed(0))
+
+    expected = generate(build(arch))
+    pipe = build(arch)
+    pipe.enable_banded_decode()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            cpu_offload(component, torch.device("cpu"), offload_buffers=len(component._parameters) > 0)
+    assert pipe.unet.conv_in.weight.device.type == "meta"
+    output = generate(pipe)
+    assert output.guidance.record.guided_steps > 0 and not output.decoded_in_bands
+    assert np.array_equal(output.images, expected.images)

@@ -154,6 +154,8 @@ class ReferenceGuidance:
         """Why this pipeline's steps cannot be captured, or None: they need a CUDA device, a scheduler a replayed
         step can contain, and the UNet's weights in place (accelerate's offloading moves them during the call)."""
         unet = self.pipe.unet
+        if any(hasattr(module, "_hf_hook") for module in unet.modules()):  # its weights may wait on the CPU or meta
+            return "CUDA graphs (--rb-cuda-graph) need the UNet's weights in place; CPU offloading moves them"
         problem = self.graph_backend.problem(unet.device)
         if problem:
             return problem
@@ -162,8 +164,6 @@ class ReferenceGuidance:
         if not replays_without_input_scaling(scheduler, probe, scheduler.timesteps[0]):
             return (f"CUDA graphs (--rb-cuda-graph) need a scheduler that does not scale the model input, such as "
                     f"DDIM (the default); {type(scheduler).__name__} does")
-        if any(hasattr(module, "_hf_hook") for module in unet.modules()):
-            return "CUDA graphs (--rb-cuda-graph) need the UNet's weights in place; CPU offloading moves them"
         return None
 
     def attention_store(self, rows: slice | None) -> AttentionStore:
@@ -182,7 +182,7 @@ class ReferenceGuidance:
         prompt = config.ref_prompt.format(word=item.identity.class_word)
         ref_item = replace(item, positions=locate_class_word(pipe.tokenizer, prompt, item.identity.class_word))
         cond = pipe.encode_text(prompt, None, config.dift_ensemble, False, size, size, [ref_item])
-        timestep = torch.tensor(config.ref_timestep, device=pipe.device)
+        timestep = torch.tensor(config.ref_timestep, device=pipe._execution_device)
         features = features_only(pipe.unet, self.block, noisy, timestep, cond.prompt_embeds,
                                  cond.added_cond_kwargs).float().mean(0)
         mask = torch.from_numpy(aligned.mask.astype(np.float32))[None, None]

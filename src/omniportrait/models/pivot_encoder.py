@@ -56,14 +56,16 @@ class PivotIDEncoder(ModelMixin, ConfigMixin):
             self.fuse.weight[:, -text_width:] = torch.eye(text_width)
             self.fuse.bias.zero_()
 
-    def preprocess(self, faces: list[Image.Image]) -> torch.Tensor:
-        """Aligned face crops -> normalised ``(N, 3, S, S)`` pixel tensor on this module's device."""
+    def preprocess(self, faces: list[Image.Image], device: torch.device | None = None) -> torch.Tensor:
+        """Aligned face crops -> normalised ``(N, 3, S, S)`` pixel tensor on ``device`` (default: this module's; a
+        pipeline passes its execution device, since offloading keeps the weights elsewhere between calls)."""
         size = self.image_size
-        arrays = [np.asarray(face.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255.0 for face in faces]
+        arrays = [np.asarray(face.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255.0
+                  for face in faces]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        return ((pixels - mean) / std).to(device=self.device, dtype=self.dtype)
+        return ((pixels - mean) / std).to(device=device or self.device, dtype=self.dtype)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``e_ref``: the projected CLIP image embedding, ``(N, projection_dim)``."""

@@ -165,7 +165,8 @@ class OmniPortraitMixin:
             if self.pivot_encoder is not None:
                 crop = item.reference.aligned(self.pivot_encoder.image_size).image
                 with torch.no_grad():
-                    item.e_ref = self.pivot_encoder.encode_image(self.pivot_encoder.preprocess([crop]))
+                    pixels = self.pivot_encoder.preprocess([crop], self._execution_device)
+                    item.e_ref = self.pivot_encoder.encode_image(pixels)
         return bound
 
     def mix_identities(self, prompt_embeds: torch.Tensor, bound: list[BoundIdentity]) -> torch.Tensor:
