@@ -195,3 +195,16 @@ def test_a_pipeline_offloaded_layer_by_layer_generates_what_it_does_in_place(arc
     output = generate(pipe)
     assert output.guidance.record.guided_steps > 0 and not output.decoded_in_bands
     assert np.array_equal(output.images, expected.images)
+
+
+def test_the_pivot_encoder_is_moved_by_its_offload_hook_before_it_encodes(astronaut_reference):
+    """Model offload's hook moves a component when it is called; ``encode_image`` is not its ``forward``, so the
+    pipeline runs the hook itself (``meta`` stands in for CUDA here)."""
+    from accelerate import cpu_offload_with_hook
+
+    from omniportrait.pipelines import Identity
+
+    pipe = build("sd15")
+    cpu_offload_with_hook(pipe.pivot_encoder, execution_device=torch.device("meta"))
+    (bound,) = pipe.bind_identities("a woman on the beach", [Identity(astronaut_reference, "woman")])
+    assert bound.e_ref.device.type == "meta"

@@ -30,6 +30,7 @@ from omniportrait.guidance.features import capture_features, features_only, nois
 from omniportrait.guidance.graph import CudaGraphs, GraphedStep, replays_without_input_scaling
 from omniportrait.guidance.mask import regional_mask, resize_mask
 from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed, weights_frozen
+from omniportrait.models.offload import has_hooks
 from omniportrait.pipelines.base import classifier_free
 from omniportrait.pipelines.identity import BoundIdentity, locate_class_word
 
@@ -154,7 +155,7 @@ class ReferenceGuidance:
         """Why this pipeline's steps cannot be captured, or None: they need a CUDA device, a scheduler a replayed
         step can contain, and the UNet's weights in place (accelerate's offloading moves them during the call)."""
         unet = self.pipe.unet
-        if any(hasattr(module, "_hf_hook") for module in unet.modules()):  # its weights may wait on the CPU or meta
+        if has_hooks(unet):  # its weights may wait on the CPU or on meta
             return "CUDA graphs (--rb-cuda-graph) need the UNet's weights in place; CPU offloading moves them"
         problem = self.graph_backend.problem(unet.device)
         if problem:

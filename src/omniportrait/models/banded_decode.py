@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omniportrait.models.offload import has_hooks_below, run_offload_hook
+
 DEFAULT_BAND_MIB = 32  # a band of an activation, in fp32, holds at most about this many MiB
 
 
@@ -36,9 +38,7 @@ def decode_in_bands(vae, latents: torch.Tensor, band_mib: float = DEFAULT_BAND_M
     ``band_mib`` MiB (at least one row each)."""
     if not supports_bands(vae):
         return vae.decode(latents, return_dict=False)[0]
-    hook = getattr(vae, "_hf_hook", None)
-    if hook is not None:  # accelerate's offloading: the VAE moved to its device, as diffusers' decode has it
-        hook.pre_forward(vae)
+    run_offload_hook(vae)  # the VAE moved to its device, as diffusers' decode has it
     band_bytes = int(band_mib * 2**20)
     decoder = vae.decoder
     sample = vae.post_quant_conv(latents) if vae.post_quant_conv is not None else latents
@@ -65,7 +65,7 @@ def supports_bands(vae) -> bool:
     if not isinstance(vae, AutoencoderKL) or type(vae.decoder) is not Decoder:
         return False
     decoder = vae.decoder
-    if torch.is_grad_enabled() or vae.use_tiling or hooked_layers(vae):
+    if torch.is_grad_enabled() or vae.use_tiling or has_hooks_below(vae):  # the bands read the weights directly
         return False
     if not isinstance(decoder.conv_norm_out, nn.GroupNorm) or not isinstance(decoder.conv_act, nn.SiLU):
         return False
@@ -77,14 +77,6 @@ def supports_bands(vae) -> bool:
         if not all(type(up) is Upsample2D and plain_upsampler(up) for up in block.upsamplers or []):
             return False
     return True
-
-
-def hooked_layers(vae) -> bool:
-    """Whether a layer below the VAE itself carries an accelerate or diffusers hook: sequential CPU offload leaves
-    the weights on ``meta`` until the layer's hook runs, layerwise casting stores them in another dtype, and the
-    bands read weights directly. (A hook on the VAE itself, model offload's, is called: :func:`decode_in_bands`.)"""
-    return any(hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")
-               for module in vae.modules() if module is not vae)
 
 
 def plain_resnet(resnet) -> bool:

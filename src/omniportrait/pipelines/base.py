@@ -20,6 +20,7 @@ from omniportrait.blocks import sampling_blocks
 from omniportrait.errors import ConfigError
 from omniportrait.guidance.config import RBGuidanceConfig
 from omniportrait.models.banded_decode import DEFAULT_BAND_MIB, decode_in_bands, supports_bands
+from omniportrait.models.offload import run_offload_hook
 from omniportrait.pipelines.identity import (
     BoundIdentity,
     Identity,
@@ -165,6 +166,7 @@ class OmniPortraitMixin:
             if self.pivot_encoder is not None:
                 crop = item.reference.aligned(self.pivot_encoder.image_size).image
                 with torch.no_grad():
+                    run_offload_hook(self.pivot_encoder)  # encode_image is not its forward
                     pixels = self.pivot_encoder.preprocess([crop], self._execution_device)
                     item.e_ref = self.pivot_encoder.encode_image(pixels)
         return bound
