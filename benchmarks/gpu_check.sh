@@ -1,18 +1,20 @@
 #!/bin/sh
 # One-shot GPU check for a short device lease: `omniportrait bench` on the real SDXL (1024²) and SD1.5 (512²)
 # architectures with random weights in fp16, all components on the GPU, then small_card.py (the default SDXL
-# generation with the allocator capped at 12, 11 and 10 GiB) and profile_step.py (where one step's time goes). The FLOP/memory counts of count_guidance.py do not depend on the machine: run them anywhere.
+# generation with the allocator capped at 12, 11 and 10 GiB), offload_check.py (the default SD1.5 generation with
+# diffusers' model and sequential CPU offload) and profile_step.py (where one step's time goes). The FLOP/memory
+# counts of count_guidance.py do not depend on the machine: run them anywhere.
 # Runs from the source tree (PYTHONPATH=src), no install. Packages the GPU image lacks (diffusers, mediapipe,
 # protobuf<5) travel as wheels in .wheels/ (git-ignored), fetched beforehand on a machine with an index:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .wheels diffusers==0.42.1 mediapipe==0.10.14 protobuf==4.25.9
 # About 8 minutes on an H100 besides the machine's start (rb-separate and rb-split-interval-2, which decide
 # nothing now, are left out, and profile_step.py runs on SDXL only, to stay well inside one 10-minute call). Results
-# go to $OUT (env.txt, bench.txt/.json/.err, plain-alone.txt/.json, bench-table.md, small-card.txt,
+# go to $OUT (env.txt, bench.txt/.json/.err, plain-alone.txt/.json, bench-table.md, small-card.txt, offload.txt,
 # profile-MODEL.txt); bench.json is written after each model, and a variant or step that fails (out of memory, say)
-# is reported in its place while the rest still runs. MODELS, VARIANTS, STEPS, REPEATS, SMALL_CARD (a model, or
-# `none`) and PROFILE (models, or `none`) override the run, e.g. `MODELS=tiny-sd15 SMALL_CARD=tiny-sd15
-# PROFILE=tiny-sd15 STEPS=2 REPEATS=1 sh benchmarks/gpu_check.sh` checks it on a CPU.
+# is reported in its place while the rest still runs. MODELS, VARIANTS, STEPS, REPEATS, SMALL_CARD and OFFLOAD (a
+# model, or `none`) and PROFILE (models, or `none`) override the run, e.g. `MODELS=tiny-sd15 SMALL_CARD=tiny-sd15
+# OFFLOAD=tiny-sd15 PROFILE=tiny-sd15 STEPS=2 REPEATS=1 sh benchmarks/gpu_check.sh` checks it on a CPU.
 set -e
 OUT=${OUT:-/tmp/omniportrait-gpu}
 SITE=${SITE:-/tmp/omniportrait-site}
@@ -40,6 +42,9 @@ sed -n '/^Targets/,$p' "$OUT/bench-table.md"  # the variants within the targets
 # the default generation with the allocator capped at 12, 11 and 10 GiB: what it went on with, or that it failed
 [ "${SMALL_CARD:-random-sdxl}" = none ] || "$PYTHON" -m benchmarks.small_card --model "${SMALL_CARD:-random-sdxl}" \
     --steps "${STEPS:-50}" 2>&1 | tee "$OUT/small-card.txt"
+# the default generation with diffusers' model and sequential CPU offload, against the same generation in place
+[ "${OFFLOAD:-random-sd15}" = none ] || "$PYTHON" -m benchmarks.offload_check --model "${OFFLOAD:-random-sd15}" \
+    2>&1 | grep -v "^\[transformers\]" | tee "$OUT/offload.txt"
 for model in ${PROFILE:-random-sdxl}; do
     [ "$model" = none ] && break
     "$PYTHON" benchmarks/profile_step.py --model "$model" > "$OUT/profile-$model.txt" 2>&1 \
