@@ -1,16 +1,17 @@
 #!/bin/sh
-# One-shot GPU check for a short device lease: `omniportrait bench` on the real SDXL (1024²) and SD1.5 (512²)
-# architectures with random weights in fp16, all components on the GPU, then small_card.py (the default SDXL
-# generation with the allocator capped at 12, 11 and 10 GiB), offload_check.py (the default SD1.5 generation with
-# diffusers' model and sequential CPU offload) and profile_step.py (where one step's time goes). The FLOP/memory
-# counts of count_guidance.py do not depend on the machine: run them anywhere.
+# One-shot GPU check for a short device lease: `omniportrait generate` on the tiny SDXL preset with every default,
+# then `omniportrait bench` on the real SDXL (1024²) and SD1.5 (512²) architectures with random weights in fp16, all
+# components on the GPU, then small_card.py (the default SDXL generation with the allocator capped at 12, 11 and
+# 10 GiB), offload_check.py (the default SD1.5 generation with diffusers' model and sequential CPU offload) and
+# profile_step.py (where one step's time goes). The FLOP/memory counts of count_guidance.py do not depend on the
+# machine: run them anywhere.
 # Runs from the source tree (PYTHONPATH=src), no install. Packages the GPU image lacks (diffusers, mediapipe,
 # protobuf<5) travel as wheels in .wheels/ (git-ignored), fetched beforehand on a machine with an index:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .wheels diffusers==0.42.1 mediapipe==0.10.14 protobuf==4.25.9
 # About 8 minutes on an H100 besides the machine's start (rb-separate and rb-split-interval-2, which decide
 # nothing now, are left out, and profile_step.py runs on SDXL only, to stay well inside one 10-minute call). Results
-# go to $OUT (env.txt, bench.txt/.json/.err, plain-alone.txt/.json, bench-table.md, small-card.txt, offload.txt,
+# go to $OUT (env.txt, cli.txt/.png/.json, bench.txt/.json/.err, plain-alone.txt/.json, bench-table.md, small-card.txt, offload.txt,
 # profile-MODEL.txt); bench.json is written after each model, and a variant or step that fails (out of memory, say)
 # is reported in its place while the rest still runs. MODELS, VARIANTS, STEPS, REPEATS, SMALL_CARD and OFFLOAD (a
 # model, or `none`) and PROFILE (models, or `none`) override the run, e.g. `MODELS=tiny-sd15 SMALL_CARD=tiny-sd15
@@ -26,6 +27,14 @@ fi
 export PYTHONPATH="$SITE:$PWD/src:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee "$OUT/env.txt"
+# the CLI as a user runs it (the tiny SDXL preset, so seconds), with every default: what its sidecar says ran
+if "$PYTHON" -m omniportrait.cli generate --preset tiny-sdxl --reference examples/astronaut.jpg \
+    --prompt "a woman on the beach" --out "$OUT/cli.png" > "$OUT/cli.txt" 2>&1; then
+    "$PYTHON" -c "import json, sys; p = json.load(open(sys.argv[1]))['parameters']; \
+print('generate:', {key: p.get(key) for key in ('device', 'dtype', 'cuda_graph', 'banded_decode')})" "$OUT/cli.json"
+else
+    echo "generate exited $? (the end of cli.txt says why)"
+fi
 "$PYTHON" -m omniportrait.cli bench --reference examples/astronaut.jpg --models ${MODELS:-random-sdxl random-sd15} \
     --variants ${VARIANTS:-rb-default rb-off rb-cfg rb-split rb-cfg-interval-2 rb-cfg-graph rb-split-graph \
     rb-split-interval-2-graph rb-off-banded rb-cfg-banded rb-split-graph-banded rb-cfg-gelu rb-cfg-graph-banded} \
