@@ -9,9 +9,11 @@
 # protobuf<5) travel as wheels in .wheels/ (git-ignored), fetched beforehand on a machine with an index:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .wheels diffusers==0.42.1 mediapipe==0.10.14 protobuf==4.25.9
-# About 8 minutes on an H100 besides the machine's start (rb-separate and rb-split-interval-2, which decide
-# nothing now, are left out, and profile_step.py runs on SDXL only, to stay well inside one 10-minute call). Results
-# go to $OUT (env.txt, cli.txt/.png/.json, bench.txt/.json/.err, plain-alone.txt/.json, bench-table.md, small-card.txt, offload.txt,
+# Six bench variants: what a call gets (rb-default), guidance off, the eager `cfg` pass, and the graphed `cfg` and
+# `split` passes with and without bands, which decide the defaults; the others decided what they could in the
+# previous runs (`VARIANTS=...` runs any). Those runs, with 13 variants, took about 8 minutes on an H100 besides the
+# machine's start; this one should stay well inside one 10-minute call. Results go to $OUT (env.txt,
+# cli.txt/.png/.json, bench.txt/.json/.err, plain-alone.txt/.json, bench-table.md, small-card.txt, offload.txt,
 # profile-MODEL.txt); bench.json is written after each model, and a variant or step that fails (out of memory, say)
 # is reported in its place while the rest still runs. MODELS, VARIANTS, STEPS, REPEATS, SMALL_CARD and OFFLOAD (a
 # model, or `none`) and PROFILE (models, or `none`) override the run, e.g. `MODELS=tiny-sd15 SMALL_CARD=tiny-sd15
@@ -36,8 +38,7 @@ else
     echo "generate exited $? (the end of cli.txt says why)"
 fi
 "$PYTHON" -m omniportrait.cli bench --reference examples/astronaut.jpg --models ${MODELS:-random-sdxl random-sd15} \
-    --variants ${VARIANTS:-rb-default rb-off rb-cfg rb-split rb-cfg-interval-2 rb-cfg-graph rb-split-graph \
-    rb-split-interval-2-graph rb-off-banded rb-cfg-banded rb-split-graph-banded rb-cfg-gelu rb-cfg-graph-banded} \
+    --variants ${VARIANTS:-rb-default rb-off rb-cfg rb-cfg-graph rb-split-graph rb-split-graph-banded} \
     --steps "${STEPS:-50}" --repeats "${REPEATS:-1}" --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
 grep -iE "warn|error" "$OUT/bench.err" | sort | uniq -c | head -5  # e.g. a CUDA graph that could not be captured
 # diffusers' plain pipeline in a process where none of ours runs: the bench's plain ran beside ours (4.49-4.88 s
