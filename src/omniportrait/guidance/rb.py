@@ -153,10 +153,12 @@ class ReferenceGuidance:
 
     def graph_problem(self) -> str | None:
         """Why this pipeline's steps cannot be captured, or None: they need a CUDA device, a scheduler a replayed
-        step can contain, and the UNet's weights in place (accelerate's offloading moves them during the call)."""
+        step can contain, and the UNet's weights in place (accelerate's offloading moves them during the call,
+        diffusers' layerwise casting recasts them)."""
         unet = self.pipe.unet
-        if has_hooks(unet):  # its weights may wait on the CPU or on meta
-            return "CUDA graphs (--rb-cuda-graph) need the UNet's weights in place; CPU offloading moves them"
+        if has_hooks(unet):  # its weights may wait on the CPU or on meta, or be recast when called
+            return ("CUDA graphs (--rb-cuda-graph) need the UNet's weights in place, without hooks that move or "
+                    "recast them (CPU offloading, layerwise casting)")
         problem = self.graph_backend.problem(unet.device)
         if problem:
             return problem
