@@ -183,9 +183,12 @@ def test_what_ran_after_running_out_of_memory_carries_to_the_later_images(monkey
     monkeypatch.setattr(AutoencoderKL, "decode", out_of_memory("decode"))
     config = dataclasses.replace(config_for(one_reference, tmp_path / "out", steps=4),
                                  prompts=tuple(select_prompts(max_prompts=3)))
-    with pytest.warns(UserWarning, match="later images"):
+    with pytest.warns(UserWarning) as caught:
         assert run_evaluation(config, ProcessInfo()).generated == 3
     assert failed == {"cfg": 1, "decode": 1}
+    messages = [str(warning.message) for warning in caught]
+    for said_once in ["cfg feature pass ran out of GPU memory", "VAE decode at 64x64 ran out", "later images"]:
+        assert sum(said_once in message for message in messages) == 1, messages
 
 
 def test_a_carried_split_pass_replaces_cfg_only():
