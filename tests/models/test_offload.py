@@ -3,7 +3,7 @@
 import torch
 from accelerate import cpu_offload, cpu_offload_with_hook
 
-from omniportrait.models.offload import has_hooks, has_hooks_below, run_offload_hook
+from omniportrait.models.offload import has_hooks, has_hooks_below, input_device, run_offload_hook
 
 
 def layers() -> torch.nn.Module:
@@ -26,3 +26,10 @@ def test_the_offload_hook_moves_the_module_to_its_execution_device():
     cpu_offload_with_hook(module, execution_device=torch.device("meta"))
     run_offload_hook(module)
     assert module[0].weight.device.type == "meta"
+
+
+def test_inputs_go_to_the_execution_device_only_where_hooks_move_the_weights_there():
+    hooked, left_alone, execution = layers(), layers(), torch.device("meta")
+    cpu_offload(hooked, execution_device=execution)
+    assert input_device(hooked, execution) == execution
+    assert input_device(left_alone, execution) == torch.device("cpu")

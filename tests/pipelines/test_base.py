@@ -208,3 +208,19 @@ def test_the_pivot_encoder_is_moved_by_its_offload_hook_before_it_encodes(astron
     cpu_offload_with_hook(pipe.pivot_encoder, execution_device=torch.device("meta"))
     (bound,) = pipe.bind_identities("a woman on the beach", [Identity(astronaut_reference, "woman")])
     assert bound.e_ref.device.type == "meta"
+
+
+def test_a_pivot_encoder_the_offloading_left_alone_encodes_where_it_is(astronaut_reference):
+    """A pipeline offloaded before the pivot encoder joined it (``from_diffusers`` of an offloaded diffusers
+    pipeline): the encoder's input goes where its weights are, not to the execution device."""
+    from accelerate import cpu_offload_with_hook
+
+    from omniportrait.pipelines import Identity
+
+    pipe = build("sd15")
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name != "pivot_encoder":
+            cpu_offload_with_hook(component, execution_device=torch.device("meta"))
+    assert pipe._execution_device.type == "meta"
+    (bound,) = pipe.bind_identities("a woman on the beach", [Identity(astronaut_reference, "woman")])
+    assert bound.e_ref.device.type == "cpu"

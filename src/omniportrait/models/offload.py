@@ -3,6 +3,7 @@ how code that reads them other than through ``forward`` lets them."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 HOOK_ATTRIBUTES = ("_hf_hook", "_diffusers_hook")  # accelerate's, diffusers' hook registry
@@ -21,6 +22,12 @@ def has_hooks_below(module: nn.Module) -> bool:
     """Whether a layer inside ``module`` carries such a hook: sequential CPU offload keeps each layer's weights on
     ``meta`` until that layer is called, layerwise casting stores them in another dtype."""
     return any(carries_hook(layer) for layer in module.modules() if layer is not module)
+
+
+def input_device(module: nn.Module, execution_device: torch.device) -> torch.device:
+    """Where ``module``'s inputs go: the pipeline's execution device where hooks move its weights there when it runs,
+    else where its weights are (a component the offloading left alone stays where its owner put it)."""
+    return execution_device if has_hooks(module) else next(module.parameters()).device
 
 
 def run_offload_hook(module: nn.Module) -> None:

@@ -20,7 +20,7 @@ from omniportrait.blocks import sampling_blocks
 from omniportrait.errors import ConfigError
 from omniportrait.guidance.config import RBGuidanceConfig
 from omniportrait.models.banded_decode import DEFAULT_BAND_MIB, decode_in_bands, supports_bands
-from omniportrait.models.offload import run_offload_hook
+from omniportrait.models.offload import input_device, run_offload_hook
 from omniportrait.pipelines.identity import (
     BoundIdentity,
     Identity,
@@ -167,7 +167,8 @@ class OmniPortraitMixin:
                 crop = item.reference.aligned(self.pivot_encoder.image_size).image
                 with torch.no_grad():
                     run_offload_hook(self.pivot_encoder)  # encode_image is not its forward
-                    pixels = self.pivot_encoder.preprocess([crop], self._execution_device)
+                    device = input_device(self.pivot_encoder, self._execution_device)
+                    pixels = self.pivot_encoder.preprocess([crop], device)
                     item.e_ref = self.pivot_encoder.encode_image(pixels)
         return bound
 
@@ -225,7 +226,7 @@ class OmniPortraitMixin:
     def encode_image_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Scaled VAE latent means (fp32) of ``pixels`` in [-1, 1], e.g. the reference of Reference-Based Guidance."""
         with self.vae_in_working_precision() as vae:
-            latents = vae.encode(pixels.to(self._execution_device, vae.dtype)).latent_dist.mean
+            latents = vae.encode(pixels.to(input_device(vae, self._execution_device), vae.dtype)).latent_dist.mean
         return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
