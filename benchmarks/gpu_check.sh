@@ -1,8 +1,8 @@
 #!/bin/sh
-# One-shot GPU check for a short device lease: `omniportrait generate` on the tiny SDXL preset with every default,
-# then `omniportrait bench` on the real SDXL (1024²) and SD1.5 (512²) architectures with random weights in fp16, all
-# components on the GPU, then small_card.py (the default SDXL generation with the allocator capped at 12, 11 and
-# 10 GiB), offload_check.py (the default SD1.5 generation with diffusers' model and sequential CPU offload) and
+# One-shot GPU check for a short device lease: `omniportrait generate` and `evaluate` on the tiny SDXL preset with every
+# default, then `omniportrait bench` on the real SDXL (1024²) and SD1.5 (512²) architectures with random weights in
+# fp16, all components on the GPU, then small_card.py (the default SDXL generation with the allocator capped at 12, 11
+# and 10 GiB), offload_check.py (the default SD1.5 generation with diffusers' model and sequential CPU offload) and
 # profile_step.py (where one step's time goes). The FLOP/memory counts of count_guidance.py do not depend on the
 # machine: run them anywhere.
 # Runs from the source tree (PYTHONPATH=src), no install. Packages the GPU image lacks (diffusers, mediapipe,
@@ -10,13 +10,13 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .wheels diffusers==0.42.1 mediapipe==0.10.14 protobuf==4.25.9
 # Six bench variants: what a call gets (rb-default), guidance off, the eager `cfg` pass, and the graphed `cfg` and
-# `split` passes with and without bands, which decide the defaults; the others decided what they could in the
-# previous runs (`VARIANTS=...` runs any). Those runs, with 13 variants, took about 8 minutes on an H100 besides the
-# machine's start; this one should stay well inside one 10-minute call. Results go to $OUT (env.txt,
-# cli.txt/.png/.json, bench.txt/.json/.err, plain-alone.txt/.json, bench-table.md, small-card.txt, offload.txt,
-# profile-MODEL.txt); bench.json is written after each model, and a variant or step that fails (out of memory, say)
-# is reported in its place while the rest still runs. MODELS, VARIANTS, STEPS, REPEATS, SMALL_CARD and OFFLOAD (a
-# model, or `none`) and PROFILE (models, or `none`) override the run, e.g. `MODELS=tiny-sd15 SMALL_CARD=tiny-sd15
+# `split` passes with and without bands, which decide the defaults; the others decided what they could in the previous
+# runs (`VARIANTS=...` runs any). Those runs, with 13 variants, took about 8 minutes on an H100 besides the machine's
+# start; this one should stay well inside one 10-minute call. Results go to $OUT (env.txt, cli.txt/.png/.json,
+# evaluate.txt and evaluate/, bench.txt/.json/.err, plain-alone.txt/.json, bench-table.md, small-card.txt, offload.txt,
+# profile-MODEL.txt); bench.json is written after each model, and a variant or step that fails (out of memory, say) is
+# reported in its place while the rest still runs. MODELS, VARIANTS, STEPS, REPEATS, SMALL_CARD and OFFLOAD (a model, or
+# `none`) and PROFILE (models, or `none`) override the run, e.g. `MODELS=tiny-sd15 SMALL_CARD=tiny-sd15
 # OFFLOAD=tiny-sd15 PROFILE=tiny-sd15 STEPS=2 REPEATS=1 sh benchmarks/gpu_check.sh` checks it on a CPU.
 set -e
 OUT=${OUT:-/tmp/omniportrait-gpu}
@@ -37,6 +37,11 @@ print('generate:', {key: p.get(key) for key in ('device', 'dtype', 'cuda_graph',
 else
     echo "generate exited $? (the end of cli.txt says why)"
 fi
+# evaluate likewise, on CUDA: 2 prompts of the sample photo, the metrics' tiny random models (plumbing, not scores)
+"$PYTHON" -m omniportrait.cli evaluate --references examples --preset tiny-sdxl --output "$OUT/evaluate" --steps 4 \
+    --max-prompts 2 --clip-model tiny-random --blip-model tiny-random --class-word woman --no-progress \
+    > "$OUT/evaluate.txt" 2>&1 && grep -E "^\| (Setting|rb|default)" "$OUT/evaluate.txt" \
+    || echo "evaluate exited $? (the end of evaluate.txt says why)"
 "$PYTHON" -m omniportrait.cli bench --reference examples/astronaut.jpg --models ${MODELS:-random-sdxl random-sd15} \
     --variants ${VARIANTS:-rb-default rb-off rb-cfg rb-cfg-graph rb-split-graph rb-split-graph-banded} \
     --steps "${STEPS:-50}" --repeats "${REPEATS:-1}" --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
