@@ -161,6 +161,27 @@ def test_a_plain_run_is_one_process_and_leaves_accelerate_alone(monkeypatch):
     assert process.is_main
 
 
+def test_a_launched_run_waits_a_day_at_its_barrier(monkeypatch):
+    """A process whose slice is done waits for the others; torch's default timeout (10 minutes with NCCL) would end
+    a resumed run whose leftover images fell unevenly."""
+    import accelerate
+
+    from omniportrait.evaluation.runner import BARRIER_TIMEOUT, current_process
+
+    made = {}
+
+    class FakeState:
+        def __init__(self, cpu=False, **kwargs):
+            made.update(kwargs)
+            self.num_processes, self.process_index, self.device = 2, 1, "cuda:1"
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    process = current_process()
+    assert (process.index, process.count, process.device) == (1, 2, "cuda:1")
+    assert made == {"timeout": BARRIER_TIMEOUT} and BARRIER_TIMEOUT.total_seconds() >= 12 * 3600
+
+
 def test_what_ran_after_running_out_of_memory_carries_to_the_later_images(monkeypatch, one_reference, tmp_path):
     """An image whose batched cfg pass or whole decode ran out of GPU memory went on with the split pass or a banded
     decode; the later images start that way instead of running out of memory again first."""

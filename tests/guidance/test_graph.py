@@ -419,7 +419,7 @@ def test_every_capture_on_a_device_runs_on_one_side_stream(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
     waited = []
     current = SimpleNamespace(wait_stream=waited.append)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
     graph.side_stream.cache_clear()
     try:
         first, second = graph.CudaGraphs(), graph.CudaGraphs()
@@ -436,3 +436,51 @@ def test_every_capture_on_a_device_runs_on_one_side_stream(monkeypatch):
         assert waited == [first.stream] * 4  # the main stream waits for the failed step's queued kernels too
     finally:
         graph.side_stream.cache_clear()
+
+
+def test_a_step_on_another_device_than_the_current_one_is_ordered_and_captured_there(monkeypatch):
+    """``generate --device cuda:1`` leaves cuda:0 the current device: the warm-up must wait for, and be waited for
+    by, cuda:1's stream, and the capture (which synchronises the current device first) must run with cuda:1
+    current."""
+    from contextlib import contextmanager, nullcontext
+    from types import SimpleNamespace
+
+    from omniportrait.guidance import graph
+
+    events, current = [], {"device": torch.device("cuda", 0)}
+
+    class FakeStream:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def wait_stream(self, other):
+            events.append(("wait", self.device, other.device))
+
+    @contextmanager
+    def on_device(device):
+        before, current["device"] = current["device"], torch.device(device)
+        try:
+            yield
+        finally:
+            current["device"] = before
+
+    @contextmanager
+    def capturing(cuda_graph, stream):
+        events.append(("capture", current["device"], stream.device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device or current["device"]))
+    monkeypatch.setattr(torch.cuda, "device", on_device)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=None))
+    graph.side_stream.cache_clear()
+    try:
+        second = torch.device("cuda", 1)
+        backend, inputs = graph.CudaGraphs(), (SimpleNamespace(device=second),)
+        backend.warm_up(lambda x: None, inputs)
+        backend.capture(lambda x: None, inputs)
+    finally:
+        graph.side_stream.cache_clear()
+    assert events == [("wait", second, second), ("wait", second, second), ("capture", second, second)]

@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -162,6 +163,11 @@ WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_C
 """Set by ``accelerate launch`` / ``torchrun`` (or MPI) when several processes run."""
 
 
+BARRIER_TIMEOUT = timedelta(days=1)
+"""How long a process whose slice is done waits at the final barrier for the others (torch's default, 10 minutes for
+NCCL, ends a resumed run whose leftover images fell unevenly on the processes)."""
+
+
 def launched_processes() -> int:
     return max(int(os.environ.get(name, "1") or 1) for name in WORLD_SIZE_VARIABLES)
 
@@ -179,7 +185,7 @@ def current_process(cpu: bool = False) -> ProcessInfo:
         from accelerate import PartialState
     except ImportError:
         return ProcessInfo()
-    state = PartialState(cpu=cpu or not torch.cuda.is_available())
+    state = PartialState(cpu=cpu or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
     if state.num_processes <= 1:
         return ProcessInfo()
     return ProcessInfo(state.process_index, state.num_processes, str(state.device), state)

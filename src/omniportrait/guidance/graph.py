@@ -47,18 +47,20 @@ class CudaGraphs:
         """One eager call on the side stream, as CUDA requires before a capture (its result is the step's). The
         main stream then waits for it, also when it fails (out of memory, say): what runs next there, such as
         restoring the running-mean attention the step updates in place, must not overtake its queued kernels."""
-        self.stream = side_stream(inputs[0].device)
-        self.stream.wait_stream(torch.cuda.current_stream())
+        device = inputs[0].device  # not necessarily the current device (`generate --device cuda:1`)
+        self.stream, main = side_stream(device), torch.cuda.current_stream(device)
+        self.stream.wait_stream(main)
         try:
             with torch.cuda.stream(self.stream):
                 return fn(*inputs)
         finally:
-            torch.cuda.current_stream().wait_stream(self.stream)
+            main.wait_stream(self.stream)
 
     def capture(self, fn: Callable, inputs: tuple) -> tuple[Callable[[], None], object]:
-        """Record ``fn(*inputs)``; returns the replay call and the outputs every replay writes."""
+        """Record ``fn(*inputs)``; returns the replay call and the outputs every replay writes. ``torch.cuda.graph``
+        synchronises the current device before it captures: that is made the step's."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
+        with torch.cuda.device(self.stream.device), torch.cuda.graph(graph, stream=self.stream):
             outputs = fn(*inputs)
         return graph.replay, outputs
 
