@@ -1,5 +1,6 @@
 """Jobs, disjoint data-parallel slices, resumability, and the merged report of several processes."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,16 @@ def test_a_finished_image_is_reused_and_a_changed_setting_regenerates(one_refere
     image.with_suffix(".json").unlink()  # an image without its sidecar was interrupted: redo it
     assert run_evaluation(config, ProcessInfo()).generated == 1
     assert run_evaluation(config_for(one_reference, tmp_path / "out", steps=2), ProcessInfo()).generated == 1
+
+
+def test_images_are_reused_across_dtypes_only_as_the_dtype_they_were_made_in(one_reference, tmp_path):
+    """``auto`` is fp32 on the CPU: an fp32 run reuses those images, an fp16 run makes its own."""
+    config = config_for(one_reference, tmp_path / "out")
+    assert run_evaluation(config, ProcessInfo()).generated == 1
+    in_fp32 = replace(config, generation=replace(config.generation, dtype="fp32"))
+    in_fp16 = replace(config, generation=replace(config.generation, dtype="fp16"))
+    assert run_evaluation(in_fp32, ProcessInfo()).generated == 0
+    assert run_evaluation(in_fp16, ProcessInfo()).generated == 1
 
 
 def test_cuda_graphs_reach_the_pipeline_and_keep_finished_images(monkeypatch, one_reference, tmp_path):

@@ -211,10 +211,19 @@ def file_sha256(path: Path) -> str:
 
 def generation_key(job: Job, config: GenerationConfig, reference_sha: str) -> dict:
     """Everything that determines an image; a finished image is reused only when its key is unchanged (the device
-    and the ways of running that keep the image, :data:`SAME_IMAGES`, do not change it)."""
+    and the ways of running that keep the image, :data:`SAME_IMAGES`, do not change it; the dtype does, as the one
+    ``auto`` stands for on the device)."""
     settings = {k: v for k, v in asdict(config).items() if k not in SAME_IMAGES}
-    return {**settings, "prompt": job.text, "seed": job.seed, "reference_sha256": reference_sha,
-            "sweep": job.setting.describe()}
+    return {**settings, "dtype": dtype_name(config), "prompt": job.text, "seed": job.seed,
+            "reference_sha256": reference_sha, "sweep": job.setting.describe()}
+
+
+def dtype_name(config: GenerationConfig) -> str:
+    """The dtype the images are made in: ``auto`` is fp16 on CUDA and fp32 elsewhere, so a CUDA run does not reuse a
+    CPU run's images."""
+    from omniportrait.pipelines.loading import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
 
 
 def read_sidecar(path: Path) -> dict | None:
