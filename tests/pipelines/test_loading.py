@@ -5,7 +5,7 @@ from diffusers import EulerDiscreteScheduler
 from omniportrait.errors import ConfigError
 from omniportrait.models.tiny import tiny_components
 from omniportrait.pipelines import OmniPortraitSDXLPipeline
-from omniportrait.pipelines.loading import PRESETS, get_preset, load_pipeline, resolve_dtype
+from omniportrait.pipelines.loading import PRESETS, get_preset, load_pipeline, resolve_device, resolve_dtype
 from tests.conftest import max_abs_diff
 
 
@@ -59,3 +59,11 @@ def test_any_scheduler_can_be_swapped_in():
 def test_dtype_auto_is_fp32_on_cpu():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+
+
+def test_a_cuda_device_the_machine_lacks_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"'cuda:2' is not on this machine; its CUDA devices: cuda:0, cuda:1"):
+        resolve_device("cuda:2")

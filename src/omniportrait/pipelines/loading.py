@@ -56,8 +56,13 @@ def resolve_device(device: str | None) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as err:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        present = ", ".join(f"cuda:{index}" for index in range(torch.cuda.device_count()))
+        raise ConfigError(f"device {device!r} is not on this machine; its CUDA devices: {present}")
     return resolved
 
 
