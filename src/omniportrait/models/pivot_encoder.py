@@ -58,7 +58,7 @@ class PivotIDEncoder(ModelMixin, ConfigMixin):
 
     def preprocess(self, faces: list[Image.Image], device: torch.device | None = None) -> torch.Tensor:
         """Aligned face crops -> normalised ``(N, 3, S, S)`` pixel tensor on ``device`` (default: this module's; a
-        pipeline passes its execution device, since offloading keeps the weights elsewhere between calls)."""
+        pipeline passes the device the offloading, if any, runs the module on: ``models.offload.input_device``)."""
         size = self.image_size
         arrays = [np.asarray(face.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255.0
                   for face in faces]
