@@ -15,14 +15,13 @@ check the script and the hooks, not the transfers).
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
 from benchmarks.gpu_table import number
-from benchmarks.small_card import EXAMPLE, warning_lines
+from benchmarks.small_card import EXAMPLE, timed_with_warnings
 from omniportrait.benchmark import (
     MODELS,
     PROMPT,
@@ -31,7 +30,6 @@ from omniportrait.benchmark import (
     model_pipeline,
     placement,
     release_memory,
-    timed_once,
 )
 
 MODES = ("in place", "model", "sequential")
@@ -55,7 +53,7 @@ def offloaded(pipe, mode: str, device: torch.device) -> None:
 
 
 def generation(model: str, mode: str, identities, steps: int, device: torch.device, dtype: torch.dtype):
-    """One default generation with ``mode``'s offload: (seconds, peak GiB, images, warnings), or the error."""
+    """One default generation with ``mode``'s offload: (seconds, peak GiB, images, warnings); an error is raised."""
     pipe, _ = model_pipeline(model, torch.device("cpu"), dtype)
     offloaded(pipe, mode, device)
     size = MODELS[model][1]
@@ -66,10 +64,8 @@ def generation(model: str, mode: str, identities, steps: int, device: torch.devi
                            generator=torch.Generator().manual_seed(0)).images)
 
     release_memory(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        seconds, memory = timed_once(generate, device)
-    return seconds, memory.peak, images[0], warning_lines(caught)
+    seconds, memory, warned = timed_with_warnings(generate, device)
+    return seconds, memory.peak, images[0], warned
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,14 +69,20 @@ def generation_under(pipe, identities, size: int, steps: int, device: torch.devi
                             generator=torch.Generator().manual_seed(0)))
 
     try:
-        with warnings.catch_warnings(record=True) as caught:  # printed in the row
-            warnings.simplefilter("always")
-            seconds, memory = timed_once(generate, device)
+        seconds, memory, warned = timed_with_warnings(generate, device)
     except Exception as error:  # out of memory, or anything else: the next limit still runs
         return CardRow(limit_gib, error=failure(error))
     finally:
         limited(device, None)
-    return CardRow(limit_gib, seconds, memory, tuple(outputs[0].memory_fallbacks()), warning_lines(caught))
+    return CardRow(limit_gib, seconds, memory, tuple(outputs[0].memory_fallbacks()), warned)
+
+
+def timed_with_warnings(call, device: torch.device) -> tuple[float, CallMemory, tuple[str, ...]]:
+    """:func:`timed_once`, and each warning the call gave (:func:`warning_lines`), for a row to print."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seconds, memory = timed_once(call, device)
+    return seconds, memory, warning_lines(caught)
 
 
 def warning_lines(caught: list[warnings.WarningMessage], width: int = WARNING_WIDTH) -> tuple[str, ...]:
