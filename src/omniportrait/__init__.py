@@ -8,7 +8,7 @@ from omniportrait.errors import OmniPortraitError  # noqa: E402
 def __getattr__(name: str):
     """Lazy public API so that ``import omniportrait`` stays fast and optional extras stay optional."""
     lazy = {
-        "Identity": "omniportrait.pipelines.identity",
+        "Identity": "omniportrait.identity",
         "OmniPortraitSDPipeline": "omniportrait.pipelines.sd15",
         "OmniPortraitSDXLPipeline": "omniportrait.pipelines.sdxl",
         "PivotIDEncoder": "omniportrait.models.pivot_encoder",

@@ -1,29 +1,21 @@
-"""Attention processors for sampling and recording: the e_mix cross-attention maps and self-attention q/k.
+"""Attention recording: the e_mix cross-attention maps and the self-attention q/k of chosen layers.
 
 Recording is used by Reference-Based Guidance (regional mask, eq. 6) and by training (face localization loss, eq.
-5). Processors follow diffusers' processor signature, write into an explicit :class:`AttentionStore`, and record
-only for the duration of a ``with record_attention(...)`` block (restored on exceptions too).
-Layers that record nothing keep their own processor. Recording layers attend with SDPA too; an identity's map is
-one more SDPA call with the indicator of its tokens as value, so no probability matrix is ever formed.
-
-While a pipeline samples, ``with sampling_attention(...)`` runs diffusers' default layers with
-:class:`SamplingAttnProcessor`: the same arithmetic in fewer operations, the context's keys and values projected
-once per generation instead of once per step.
+5). For the ``with record_attention(...)`` block the recorded layers run :class:`RecordingAttnProcessor` through
+diffusers' per-module processor interface, writing into an explicit :class:`AttentionStore`; every other layer keeps
+its processor, and all are restored afterwards (on exceptions too). An identity's map is one more SDPA call with the
+indicator of its tokens as value, so no probability matrix is ever formed.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import warnings
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules import module as every_module  # its hooks on every module's call
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 CROSS, SELF = "attn2", "attn1"
 SDPA_VALUE_ALIGNMENT = 8  # CUDA's fused SDPA kernels want a value width that is a multiple of 8
@@ -181,183 +173,20 @@ def resize_map(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
-@dataclass
-class ContextEntry:
-    """A context's projected keys and values, with the context itself (so its memory is not reused while the entry
-    lives) and its version counter when made."""
+class RecordingAttnProcessor(AttnProcessor2_0):
+    """diffusers' ``AttnProcessor2_0`` that also records its query and key into ``store``: ``kind`` :data:`CROSS`
+    (each identity's cross-attention mass) or :data:`SELF` (the q/k of the self-attention, for eq. 6's refinement).
+    The same arithmetic as diffusers' processor, in the same order."""
 
-    context: torch.Tensor
-    version: int
-    key: torch.Tensor
-    value: torch.Tensor
-
-
-def version_of(tensor: torch.Tensor) -> int:
-    """The in-place version counter; inference tensors, which keep none, count as never changed."""
-    return 0 if tensor.is_inference() else tensor._version
-
-
-class ContextProjections:
-    """Cross-attention keys and values of each context, projected once per layer while sampling runs.
-
-    The context (the prompt embeddings, ``e_mix`` included) is the same at every step of a generation, and so are its
-    keys and values; diffusers projects them again at every step (SDXL: 140 projections in 70 layers per UNet call).
-    An entry is found by the context's address, shape and strides (the halves of a CFG batch are views with their own
-    entries) and used while the context's version counter is unchanged. A context that requires grad, or a layer
-    whose key or value projection trains, is projected afresh: a cached projection would carry no gradient.
-
-    It also keeps each layer's :class:`LayerCalls` (:meth:`layer_calls`), likewise for one generation.
-    """
-
-    def __init__(self) -> None:
-        self.entries: dict[tuple, ContextEntry] = {}
-        self.key_value_parameters: dict[int, tuple[torch.Tensor, ...]] = {}  # per layer, looked up once
-        self.layers: dict[int, LayerCalls] = {}
-
-    def cacheable(self, attn, context: torch.Tensor) -> bool:
-        if context.requires_grad:
-            return False
-        if not torch.is_grad_enabled():
-            return True
-        parameters = self.key_value_parameters.get(id(attn))
-        if parameters is None:  # Module.parameters() costs ~5 µs a layer, at every call of a guided step
-            parameters = tuple(p for module in (attn.to_k, attn.to_v) for p in module.parameters())
-            self.key_value_parameters[id(attn)] = parameters
-        return not any(p.requires_grad for p in parameters)
-
-    def key_value(self, attn, context: torch.Tensor, project) -> tuple[torch.Tensor, torch.Tensor]:
-        """``project(attn, context)`` -> ``(key, value)``, from the cache where it may be."""
-        if not self.cacheable(attn, context):
-            return project(attn, context)
-        token = (id(attn), context.data_ptr(), context.shape, context.stride(), context.dtype, context.device)
-        entry = self.entries.get(token)
-        if entry is None or entry.version != version_of(context):
-            with torch.no_grad():
-                entry = ContextEntry(context, version_of(context), *project(attn, context))
-            self.entries[token] = entry
-        return entry.key, entry.value
-
-    def layer_calls(self, attn) -> LayerCalls:
-        """:func:`layer_calls` of ``attn``, made on its first call."""
-        calls = self.layers.get(id(attn))
-        if calls is None:
-            calls = self.layers[id(attn)] = layer_calls(attn)
-        return calls
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.key_value_parameters.clear()
-        self.layers.clear()
-
-
-def split_heads(projected: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
-    """``(B·N, heads·d)`` -> ``(B, heads, N, d)``."""
-    return projected.view(batch, -1, heads, projected.shape[-1] // heads).transpose(1, 2)
-
-
-def key_value_heads(to_k, to_v, heads: int, flat: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of ``(B·S, C)`` tokens projected by ``to_k`` and ``to_v``, heads split: ``(B, heads, S, d)``
-    each."""
-    return split_heads(to_k(flat), batch, heads), split_heads(to_v(flat), batch, heads)
-
-
-def project_key_value(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`key_value_heads` of a ``(B, S, C)`` cross-attention context (normalised first where the layer says)."""
-    if attn.norm_cross:
-        context = attn.norm_encoder_hidden_states(context)
-    return key_value_heads(attn.to_k, attn.to_v, attn.heads, context.flatten(0, 1), context.shape[0])
-
-
-def drops_nothing(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a dropout that returns its input as it is (evaluation mode or ``p = 0``) and has no hook,
-    so that calling it can be skipped."""
-    return type(module) is torch.nn.Dropout and not (module.training and module.p) and not hooked(module)
-
-
-def output_projection(attn, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``attn.to_out``: the output projection, then its dropout unless that drops nothing (a module call saved)."""
-    projection, dropout = attn.to_out
-    hidden_states = projection(hidden_states)
-    return hidden_states if drops_nothing(dropout) else dropout(hidden_states)
-
-
-def has_hooks(module: torch.nn.Module) -> bool:
-    """Whether ``Module.__call__`` does more than call ``module.forward``: a hook of its own or of every module."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or every_module._global_forward_hooks
-                or every_module._global_forward_pre_hooks or every_module._global_backward_hooks
-                or every_module._global_backward_pre_hooks)
-
-
-def hooked(module: torch.nn.Module) -> bool:
-    """Whether calling ``module`` does more than its class's ``forward``: :func:`has_hooks`, or a ``forward`` a hook
-    replaced (accelerate's offloading)."""
-    return has_hooks(module) or "forward" in vars(module)
-
-
-def linear_call(module: torch.nn.Module):
-    """A callable equal to ``module(x)``: for an ``nn.Linear`` (exactly; LoRA and quantised layers are subclasses or
-    wrappers) without hooks, ``F.linear`` with its parameters, which is what its ``forward`` runs, without
-    ``Module.__call__``'s checks (~4 µs a call on the development CPU); otherwise the module."""
-    if type(module) is not torch.nn.Linear or hooked(module):
-        return module
-    return partial(F.linear, weight=module.weight, bias=module.bias)
-
-
-@dataclass(frozen=True)
-class LayerCalls:
-    """An attention layer's projections as :func:`linear_call` gives them, looked up once per generation."""
-
-    to_q: Callable
-    to_k: Callable
-    to_v: Callable
-    to_out: Callable
-
-
-def layer_calls(attn) -> LayerCalls:
-    """:class:`LayerCalls` of ``attn``; the output projection's dropout is left out where it drops nothing."""
-    projection, dropout = attn.to_out
-    to_out = linear_call(projection) if drops_nothing(dropout) else partial(output_projection, attn)
-    return LayerCalls(linear_call(attn.to_q), linear_call(attn.to_k), linear_call(attn.to_v), to_out)
-
-
-class SamplingAttnProcessor:
-    """diffusers' ``AttnProcessor2_0`` arithmetic in fewer operations, for the denoising loop; records into
-    ``store`` while one is set (``kind``: :data:`CROSS` maps or :data:`SELF` q/k).
-
-    On a GPU whose host CPU issues kernels more slowly than the GPU runs them, a step costs what the host spends
-    issuing it (benchmarks/README.md), and diffusers' attention layer dispatches 25 operations besides the attention
-    itself (ours: 18 for self-attention, 10 for cross-attention). Here the projections run on the tokens flattened
-    to two dimensions (the matrix product diffusers' call folds to anyway), as ``F.linear`` calls where a projection is
-    a plain ``nn.Linear`` without hooks (:func:`linear_call`; ~8 µs saved per projection on the development CPU), the
-    context's keys and values come from a :class:`ContextProjections` when one is given, and a rescale factor of 1
-    divides nothing. The result is the same bit for bit.
-    """
-
-    def __init__(self, projections: ContextProjections | None = None, store: AttentionStore | None = None,
-                 kind: str | None = None):
-        self.projections = projections
+    def __init__(self, store: AttentionStore, kind: str):
+        super().__init__()
         self.store, self.kind = store, kind
 
-    def calls(self, attn) -> LayerCalls:
-        """The layer's projections: looked up once per generation when a :class:`ContextProjections` is given (whose
-        life is one generation), else the modules themselves."""
-        if self.projections is None:
-            return LayerCalls(attn.to_q, attn.to_k, attn.to_v, partial(output_projection, attn))
-        return self.projections.layer_calls(attn)
-
-    def attend(self, attn, query, key, value, mask):
-        if self.store is not None:
-            if self.kind == CROSS:
-                self.store.record_cross(query, key, mask, attn.scale)
-            else:
-                self.store.record_self(query, key)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-
-    def context_key_value(self, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.projections is not None:
-            return self.projections.key_value(attn, context, project_key_value)
-        return project_key_value(attn, context)
+    def record(self, attn, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.kind == CROSS:
+            self.store.record_cross(query, key, mask, attn.scale)
+        else:
+            self.store.record_self(query, key)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -368,84 +197,37 @@ class SamplingAttnProcessor:
         if input_ndim == 4:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        cross = encoder_hidden_states is not None
-        context = encoder_hidden_states if cross else hidden_states
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         batch, sequence, _ = context.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        calls = self.calls(attn)
-        tokens, flat = hidden_states.shape[1], hidden_states.flatten(0, 1)
-        query = split_heads(calls.to_q(flat), batch, attn.heads)
-        if cross:
-            key, value = self.context_key_value(attn, context)
-        else:
-            key, value = key_value_heads(calls.to_k, calls.to_v, attn.heads, flat, batch)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query, key, value = (split_heads(x, batch, attn.heads) for x in (query, attn.to_k(context), attn.to_v(context)))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        hidden_states = self.attend(attn, query, key, value, attention_mask)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch * tokens, -1)
-        hidden_states = calls.to_out(hidden_states).view(batch, tokens, -1)
+        self.record(attn, query, key, attention_mask)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).flatten(2).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        if attn.rescale_output_factor != 1.0:
-            hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+        return hidden_states / attn.rescale_output_factor
 
 
-# diffusers' Attention.forward reads its processor's signature on every call (to filter keyword arguments): ~19 µs
-# on the 2-core development CPU, 140 calls per SDXL UNet pass. With the signature computed once, ~6 µs; inside
-# sampling_attention the layers skip the reading altogether (sampling_forward).
-SamplingAttnProcessor.__call__.__signature__ = inspect.signature(SamplingAttnProcessor.__call__)
-
-
-QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})  # diffusers drops these without a warning
-
-
-def sampling_forward(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **cross_attention_kwargs):
-    """``Attention.forward`` of a layer inside :func:`sampling_attention`, without reading the processor's signature.
-
-    diffusers' forward reads it at every call to filter the keyword arguments, and ``inspect`` builds a new
-    signature for the bound method each time, even from a cached one (~20 µs per call on the 2-core development
-    CPU, 140 calls per SDXL UNet pass). A :class:`SamplingAttnProcessor` takes ``temb`` and nothing more, so any other
-    keyword is dropped with diffusers' warning. A layer whose processor was changed inside the block runs
-    diffusers' forward.
-    """
-    processor = attn.processor
-    if not isinstance(processor, SamplingAttnProcessor):
-        return type(attn).forward(attn, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
-    temb = cross_attention_kwargs.pop("temb", None)
-    ignored = sorted(set(cross_attention_kwargs) - QUIET_KWARGS)
-    if ignored:
-        warnings.warn(f"cross_attention_kwargs {ignored} are not expected by {type(processor).__name__} and will be "
-                      f"ignored", stacklevel=2)
-    return processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-
-class RecordingAttnProcessor(SamplingAttnProcessor):
-    """:class:`SamplingAttnProcessor` recording into ``store``, for a layer whose processor is not one already."""
-
-    def __init__(self, store: AttentionStore, kind: str, projections: ContextProjections | None = None):
-        super().__init__(projections, store, kind)
-
-
-def is_diffusers_default(processor) -> bool:
-    """Whether ``processor`` is diffusers' default SDPA processor, which :class:`SamplingAttnProcessor` replaces."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    return type(processor) is AttnProcessor2_0
-
-
-def keeps_rows_apart(processor) -> bool:
-    """Whether ``processor`` computes each batch row from that row alone, as ours and diffusers' default do (an
-    adapter's or a user's processor may attend across rows)."""
-    return isinstance(processor, SamplingAttnProcessor) or is_diffusers_default(processor)
+def split_heads(projected: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """``(B, N, heads·d)`` -> ``(B, heads, N, d)``."""
+    return projected.view(batch, -1, heads, projected.shape[-1] // heads).transpose(1, 2)
 
 
 def attention_modules(unet) -> list:
@@ -454,61 +236,26 @@ def attention_modules(unet) -> list:
 
 
 @contextmanager
-def sampling_attention(unet, projections: ContextProjections | None = None):
-    """:class:`SamplingAttnProcessor` on every attention layer that runs diffusers' default processor, for the
-    ``with`` block (a user's or an adapter's processor stays); always restore.
-
-    ``projections`` (default: a new one, cleared on exit) keeps the context's keys and values across the UNet calls
-    of the block. The layers call their processor through :func:`sampling_forward` (unless a hook has replaced their
-    ``forward``, as accelerate's offloading does)."""
-    own = projections is None
-    projections = ContextProjections() if own else projections
-    modules = {name: module for name, module in unet.named_modules()
-               if hasattr(module, "set_processor") and is_diffusers_default(module.get_processor())}
-    original = {name: module.get_processor() for name, module in modules.items()}
-    direct = [module for module in modules.values() if "forward" not in vars(module)]  # a hook's forward stays
-    for module in modules.values():
-        module.set_processor(SamplingAttnProcessor(projections))
-    for module in direct:
-        module.forward = sampling_forward.__get__(module)
-    try:
-        yield projections
-    finally:
-        for module in direct:
-            del module.forward
-        for name, module in modules.items():
-            module.set_processor(original[name])
-        if own:
-            projections.clear()
-
-
-@contextmanager
 def record_attention(unet, store: AttentionStore, self_attention: bool = True):
-    """Record the store's layers for the ``with`` block; always restore.
+    """Record the store's layers for the ``with`` block; always restore their processors.
 
-    ``self_attention=False`` records the cross-attention maps only. A layer running :class:`SamplingAttnProcessor`
-    (inside :func:`sampling_attention`) is told to record, which costs nothing; any other gets a
-    :class:`RecordingAttnProcessor` for the block (sharing the projections of the processor it replaces, if any).
-    Only the recorded layers are touched: diffusers' ``set_attn_processor`` walks every module of the UNet, about 20
-    ms per call on SDXL.
+    ``self_attention=False`` records the cross-attention maps only. Only the recorded layers are touched: diffusers'
+    ``set_attn_processor`` walks every module of the UNet.
     """
     kinds = {name: CROSS for name in store.cross_layers}
     kinds.update({name: SELF for name in store.self_layers} if self_attention else {})
     modules = store.layer_modules(unet)
-    told, replaced = [], {}
+    original = {name: modules[name].processor for name in kinds}
     for name, kind in kinds.items():
-        module = modules[name]
-        processor = module.processor
-        if isinstance(processor, SamplingAttnProcessor) and processor.store is None:
-            processor.store, processor.kind = store, kind
-            told.append(processor)
-        else:
-            replaced[name] = processor
-            module.set_processor(RecordingAttnProcessor(store, kind, getattr(processor, "projections", None)))
+        modules[name].set_processor(RecordingAttnProcessor(store, kind))
     try:
         yield store
     finally:
-        for processor in told:
-            processor.store = processor.kind = None
-        for name, processor in replaced.items():
+        for name, processor in original.items():
             modules[name].set_processor(processor)
+
+
+def keeps_rows_apart(processor) -> bool:
+    """Whether ``processor`` computes each batch row from that row alone, as diffusers' default and ours do (an
+    adapter's or a user's processor may attend across rows)."""
+    return type(processor) in (AttnProcessor2_0, RecordingAttnProcessor)

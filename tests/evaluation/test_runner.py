@@ -105,10 +105,10 @@ def test_cuda_graphs_reach_the_pipeline_and_keep_finished_images(monkeypatch, on
 
     import numpy as np
 
-    from omniportrait.guidance.rb import ReferenceGuidance
+    from omniportrait.guidance.steps import StepRunner
     from tests.guidance.test_graph import EmulatedGraphs
 
-    monkeypatch.setattr(ReferenceGuidance, "graph_backend", EmulatedGraphs)
+    monkeypatch.setattr(StepRunner, "graph_backend", EmulatedGraphs)
     EmulatedGraphs.calls.update(warm_up=0, capture=0, replay=0)
     eager = config_for(one_reference, tmp_path / "eager", steps=4)
     graphed = dataclasses.replace(eager, output=tmp_path / "graphed",

@@ -211,3 +211,16 @@ def test_out_of_memory_in_another_pass_is_raised(config, tiny_pipe, astronaut_re
     monkeypatch.setattr(rb.torch.autograd, "grad", out_of_memory_on_calls(torch.autograd.grad, last=1))
     with pytest.raises(torch.OutOfMemoryError):
         run(tiny_pipe, astronaut_reference, rb_guidance=config)
+
+
+@pytest.mark.parametrize("feature_pass", ["cfg", "split"])
+def test_without_cfg_the_guidance_runs_on_the_one_conditional_pass(feature_pass, tiny_pipe, astronaut_reference):
+    """A guidance scale <= 1 means no CFG, as in diffusers: every row of the UNet batch is conditional."""
+    def images(**config):
+        return tiny_pipe(PROMPT, [Identity(astronaut_reference, "woman")], num_inference_steps=4, guidance_scale=1.0,
+                         output_type="np", generator=torch.Generator().manual_seed(0),
+                         rb_guidance=RBGuidanceConfig(strength=5000.0, start=1.0, **config))
+
+    guided = images(feature_pass=feature_pass)
+    assert guided.guidance.record.guided_steps == 4 and guided.guidance.record.gen_masks.shape[0] == 1
+    assert np.abs(guided.images - images(enabled=False).images).max() > 1e-3

@@ -3,7 +3,7 @@
 import torch
 from accelerate import cpu_offload, cpu_offload_with_hook
 
-from omniportrait.models.offload import has_hooks, has_hooks_below, input_device, run_offload_hook
+from omniportrait.models.offload import has_offload_hooks, has_offload_hooks_below, input_device, run_offload_hook
 
 
 def layers() -> torch.nn.Module:
@@ -14,9 +14,9 @@ def test_a_hook_on_the_module_itself_is_not_one_below_it():
     whole, by_layer, plain = layers(), layers(), layers()
     cpu_offload_with_hook(whole, execution_device=torch.device("meta"))  # model offload: the module itself
     cpu_offload(by_layer, execution_device=torch.device("cpu"))  # sequential offload: every layer
-    assert has_hooks(whole) and not has_hooks_below(whole)
-    assert has_hooks(by_layer) and has_hooks_below(by_layer)
-    assert not has_hooks(plain) and not has_hooks_below(plain)
+    assert has_offload_hooks(whole) and not has_offload_hooks_below(whole)
+    assert has_offload_hooks(by_layer) and has_offload_hooks_below(by_layer)
+    assert not has_offload_hooks(plain) and not has_offload_hooks_below(plain)
 
 
 def test_the_offload_hook_moves_the_module_to_its_execution_device():

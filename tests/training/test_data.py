@@ -8,7 +8,7 @@ from PIL import Image
 
 from omniportrait.errors import ConfigError
 from omniportrait.models.tiny import tiny_tokenizer
-from omniportrait.pipelines.identity import locate_class_word
+from omniportrait.identity import locate_class_word
 from omniportrait.training.data import (
     BatchStream,
     RecordSource,

@@ -12,7 +12,7 @@ from pathlib import Path
 from omniportrait.errors import ClassWordError, ConfigError, OutOfMemoryError
 from omniportrait.files import write_json_atomic
 from omniportrait.guidance.config import FEATURE_PASSES, RECOMPUTES, RBGuidanceConfig
-from omniportrait.pipelines.identity import Identity
+from omniportrait.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
 from omniportrait.text import find_person_nouns
 

@@ -282,7 +282,7 @@ def generate_images(jobs: list[Job], references: dict[str, Reference], workspace
     import torch
 
     from omniportrait.images import save_image_atomic
-    from omniportrait.pipelines.identity import Identity
+    from omniportrait.identity import Identity
 
     pending = [job for job in jobs if workspace.finished(job) is None]
     if not pending:

@@ -87,4 +87,6 @@ class RBGuidanceConfig:
 
     def active_at(self, timestep: int, num_train_timesteps: int = 1000) -> bool:
         """Eq. 11: guidance on when ``t <= t̂ = u·T``."""
-        return self.enabled and float(timestep) <= self.start * num_train_timesteps
+        from omniportrait.guidance.noise import guidance_active
+
+        return self.enabled and guidance_active(timestep, self.start, num_train_timesteps)

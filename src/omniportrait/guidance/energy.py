@@ -1,4 +1,4 @@
-"""Diffusion-feature correspondence and the guidance energy (paper eqs. 7, 8, 10)."""
+"""Diffusion-feature correspondence, the guidance energy and its background masking (paper eqs. 7-10)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,8 @@ def match_features(generated: torch.Tensor, gen_mask: torch.Tensor, reference: t
 def energy(similarity: torch.Tensor, strength: float) -> torch.Tensor:
     """Eq. 10: ``E = p / (1 + S)``."""
     return strength / (1 + similarity)
+
+
+def background_masked(gradient: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 9: the gradient w.r.t. ``z_t`` kept inside ``M_gen`` (at latent size) and zero in the background."""
+    return gradient * mask.to(gradient.dtype)

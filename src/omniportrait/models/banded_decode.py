@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniportrait.models.offload import has_hooks_below, run_offload_hook
+from omniportrait.models.offload import has_offload_hooks_below, run_offload_hook
 
 DEFAULT_BAND_MIB = 32  # a band of an activation, in fp32, holds at most about this many MiB
 
@@ -65,7 +65,7 @@ def supports_bands(vae) -> bool:
     if not isinstance(vae, AutoencoderKL) or type(vae.decoder) is not Decoder:
         return False
     decoder = vae.decoder
-    if torch.is_grad_enabled() or vae.use_tiling or has_hooks_below(vae):  # the bands read the weights directly
+    if torch.is_grad_enabled() or vae.use_tiling or has_offload_hooks_below(vae):  # the bands read the weights directly
         return False
     if not isinstance(decoder.conv_norm_out, nn.GroupNorm) or not isinstance(decoder.conv_act, nn.SiLU):
         return False

@@ -13,12 +13,12 @@ def carries_hook(module: nn.Module) -> bool:
     return any(hasattr(module, attribute) for attribute in HOOK_ATTRIBUTES)
 
 
-def has_hooks(module: nn.Module) -> bool:
+def has_offload_hooks(module: nn.Module) -> bool:
     """Whether ``module`` or any layer in it carries such a hook: its weights may be elsewhere between calls."""
     return any(carries_hook(layer) for layer in module.modules())
 
 
-def has_hooks_below(module: nn.Module) -> bool:
+def has_offload_hooks_below(module: nn.Module) -> bool:
     """Whether a layer inside ``module`` carries such a hook: sequential CPU offload keeps each layer's weights on
     ``meta`` until that layer is called, layerwise casting stores them in another dtype."""
     return any(carries_hook(layer) for layer in module.modules() if layer is not module)
@@ -27,7 +27,7 @@ def has_hooks_below(module: nn.Module) -> bool:
 def input_device(module: nn.Module, execution_device: torch.device) -> torch.device:
     """Where ``module``'s inputs go: the pipeline's execution device where hooks move its weights there when it runs,
     else where its weights are (a component the offloading left alone stays where its owner put it)."""
-    return execution_device if has_hooks(module) else next(module.parameters()).device
+    return execution_device if has_offload_hooks(module) else next(module.parameters()).device
 
 
 def run_offload_hook(module: nn.Module) -> None:

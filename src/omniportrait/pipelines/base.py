@@ -10,24 +10,27 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from PIL import Image
 
-from omniportrait.attention import sampling_attention
-from omniportrait.blocks import sampling_blocks
 from omniportrait.errors import ConfigError
 from omniportrait.guidance.config import RBGuidanceConfig
+from omniportrait.guidance.noise import classifier_free
 from omniportrait.models.banded_decode import DEFAULT_BAND_MIB, decode_in_bands, supports_bands
 from omniportrait.models.offload import input_device, run_offload_hook
-from omniportrait.pipelines.identity import (
+from omniportrait.identity import (
     BoundIdentity,
     Identity,
     check_disjoint,
     inject_identities,
     locate_class_word,
 )
+
+if TYPE_CHECKING:
+    from omniportrait.guidance.rb import ReferenceGuidance
 
 NO_PIVOT_WARNING = (
     "no pivot encoder loaded: the prompt runs text-only and identity will be weak; "
@@ -64,7 +67,7 @@ class OmniPortraitOutput:
 
     images: list[Image.Image] | torch.Tensor
     identities: list[BoundIdentity] = field(default_factory=list)
-    guidance: object = None
+    guidance: ReferenceGuidance | None = None
     decoded_in_bands: bool = False
     decode_ran_out_of_memory: bool = False
 
@@ -87,11 +90,6 @@ def _as_prepared_reference(identity: Identity):
     return prepare_reference(reference, face_index=identity.face_index)
 
 
-def classifier_free(uncond: torch.Tensor, text: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Eq. 3: ``ε(∅) + w·(ε(y) − ε(∅))``."""
-    return uncond + guidance_scale * (text - uncond)
-
-
 class OmniPortraitMixin:
     """Sampling loop and identity handling shared by :class:`OmniPortraitSDPipeline` and the SDXL one.
 
@@ -106,10 +104,8 @@ class OmniPortraitMixin:
 
     def enable_banded_decode(self, band_mib: float = DEFAULT_BAND_MIB) -> None:
         """Decode latents in horizontal bands (:mod:`omniportrait.models.banded_decode`): the same image up to
-        floating-point rounding, with a lower memory peak (SDXL at 1024² in fp32: 1.6 GiB of activations instead of
-        3.0 counted; on an H100 the decode's peak 9.48 instead of 12.57 GiB in the same time). Unlike diffusers' VAE
-        tiling, nothing is blended: each layer sees the whole image. The default where the decode runs in fp32 on
-        CUDA (:meth:`decodes_in_bands`)."""
+        floating-point rounding, with a lower memory peak. Unlike diffusers' VAE tiling, nothing is blended: each
+        layer sees the whole image. The default where the decode runs in fp32 on CUDA (:meth:`decodes_in_bands`)."""
         if not band_mib > 0:
             raise ConfigError(f"decode band size must be a positive number of MiB, got {band_mib}")
         self.banded_decode, self.decode_band_mib = True, band_mib
@@ -121,9 +117,7 @@ class OmniPortraitMixin:
     def decodes_in_bands(self) -> bool:
         """Whether the decode runs in bands: as :meth:`enable_banded_decode` / :meth:`disable_banded_decode` set it,
         else where an fp16 pipeline's VAE decodes in fp32 on CUDA (SDXL's ``force_upcast``, as diffusers does). There
-        the whole decode is a generation's peak: diffusers' own SDXL pipeline peaks at 12.12 GiB at 1024² (H100),
-        above the 12 GiB a generation is meant to fit, and the banded decode takes as long (H100, 20eee37,
-        ``benchmarks/profile_step.py``: 136.9 / 125.4 ms in bands, 127.4 / 128.4 ms whole, two runs)."""
+        the whole decode is a generation's memory peak, and the bands take about as long (``benchmarks/README.md``)."""
         if self.banded_decode is not None:
             return self.banded_decode
         return self._execution_device.type == "cuda" and self.upcasts_vae()
@@ -241,11 +235,11 @@ class OmniPortraitMixin:
         in_bands = self.decodes_in_bands() and supports_bands(self.vae)  # not, say, with VAE tiling on
         with self.vae_in_working_precision() as vae:
             latents = latents.to(vae.dtype) / vae.config.scaling_factor
-            image, ran_out_of_memory = self.decode_latents(vae, latents, in_bands, generator)
+            image, ran_out_of_memory = self.decode_or_fall_back(vae, latents, in_bands, generator)
         images = self.image_processor.postprocess(image, output_type=output_type)
         return images, in_bands or ran_out_of_memory, ran_out_of_memory
 
-    def decode_latents(self, vae, latents: torch.Tensor, in_bands: bool, generator=None) -> tuple[torch.Tensor, bool]:
+    def decode_or_fall_back(self, vae, latents: torch.Tensor, in_bands: bool, generator=None) -> tuple[torch.Tensor, bool]:
         """The banded decode, or diffusers' whole one; and whether the whole one ran out of GPU memory, in which case
         (SDXL's fp32 decode is where its plain generation peaks) it is done again in bands, with a warning: the same
         image up to rounding, instead of losing the sampled latents."""
@@ -298,8 +292,7 @@ class OmniPortraitMixin:
             cond.prompt_embeds.dtype, device, generator, latents,
         )
         guidance = self.reference_guidance(rb_guidance, bound, height, width, num_images_per_prompt)
-        with sampling_attention(self.unet), sampling_blocks(self.unet), \
-                guidance.sampling() if guidance else nullcontext():
+        with guidance.sampling() if guidance else nullcontext():
             latents = self.denoise(latents, timesteps, cond, guidance_scale, generator,
                                    guidance.noise if guidance else None)
         if guidance is not None:

@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from omniportrait.errors import ClassWordError, ConfigError, OmniPortraitError
-from omniportrait.pipelines.identity import locate_class_word
+from omniportrait.identity import locate_class_word
 
 REQUIRED_FIELDS = ("caption", "class_word", "face_box")
 

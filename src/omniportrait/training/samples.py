@@ -18,7 +18,7 @@ from omniportrait.errors import ClassWordError, ConfigError
 from omniportrait.faces.base import AlignedFace
 from omniportrait.guidance.config import RBGuidanceConfig
 from omniportrait.images import save_image_atomic
-from omniportrait.pipelines.identity import Identity, locate_class_word
+from omniportrait.identity import Identity, locate_class_word
 
 GUIDANCE_SCALE = 7.5  # the paper's CFG weight w
 

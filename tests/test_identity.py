@@ -2,7 +2,7 @@ import pytest
 
 from omniportrait.errors import ClassWordError
 from omniportrait.models.tiny import tiny_tokenizer
-from omniportrait.pipelines.identity import BoundIdentity, Identity, check_disjoint, locate_class_word
+from omniportrait.identity import BoundIdentity, Identity, check_disjoint, locate_class_word
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ tokenizer splits into several tokens gets the fusion on each of its tokens.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +46,6 @@ class BoundIdentity:
     positions: list[int]
     reference: Any = None
     e_ref: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def _word_starts(tokens: list[str], index: int) -> bool:
