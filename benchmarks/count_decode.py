@@ -1,6 +1,6 @@
 """Activation memory of the VAE decode, diffusers' against ours in bands, counted on the meta device.
 
-The real SD/SDXL KL decoder (``omniportrait.models.architectures.vae``) is built on ``meta``, so no compute runs and
+The real SD/SDXL KL decoder (``benchmarks.architectures.vae``) is built on ``meta``, so no compute runs and
 this takes seconds on any CPU. :class:`~benchmarks.live_tensors.LiveTensorPeak` follows every tensor the decode
 creates and reports the highest number of bytes alive at once: the activations' share of the allocator peak,
 without the weights, the allocator's rounding, or a convolution library's scratch space. Attention is routed
@@ -20,7 +20,7 @@ import time
 import torch
 
 from benchmarks.live_tensors import LiveTensorPeak, attention_as_on_cuda
-from omniportrait.models.architectures import vae
+from benchmarks.architectures import vae
 from omniportrait.models.banded_decode import decode_in_bands
 
 CASES = {"SDXL 1024² fp32": (1024, torch.float32, 0.13025), "SD1.5 512² fp16": (512, torch.float16, 0.18215),

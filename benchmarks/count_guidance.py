@@ -41,7 +41,7 @@ from benchmarks.live_tensors import attention_as_on_cuda, flash_attention
 from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK
 from omniportrait.guidance.features import capture_features, features_only
 from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed
-from omniportrait.models.architectures import sd15_unet, sdxl_unet
+from benchmarks.architectures import sd15_unet, sdxl_unet
 
 ARCHS = {"sd15": (sd15_unet, 64, 768), "sdxl": (sdxl_unet, 128, 2048)}  # builder, latent side, text width
 VARIANTS = ("plain", "cfg-full-graph", "cfg-gate-kept", "cfg-every-row", "cfg", "cfg-every-row-projection",

@@ -28,8 +28,8 @@ def test_bad_settings_are_config_errors(kwargs):
 
 
 def test_sizes_default_per_model():
-    models = ("tiny-sdxl", "twin-sdxl", "random-sd15", "random-sdxl")
-    assert [BenchConfig(m).resolution for m in models] == [64, 16, 512, 1024]  # twins: an 8x8 latent, like tiny VAEs'
+    models = ("tiny-sdxl", "random-sd15", "random-sdxl")
+    assert [BenchConfig(m).resolution for m in models] == [64, 512, 1024]
     assert BenchConfig("random-sdxl", size=768).resolution == 768
     assert BenchConfig("tiny-sd15").guided_steps == 30
 
@@ -37,7 +37,6 @@ def test_sizes_default_per_model():
 def test_tiny_and_twin_models_stay_on_the_cpu_in_fp32_and_real_ones_go_where_asked():
     cuda = torch.device("cuda")
     assert placement("tiny-sdxl", cuda, torch.float16) == (torch.device("cpu"), torch.float32)
-    assert placement("twin-sd15", cuda, torch.float16) == (torch.device("cpu"), torch.float32)
     assert placement("random-sdxl", cuda, torch.float16) == (cuda, torch.float16)
 
 

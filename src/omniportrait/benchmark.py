@@ -3,9 +3,7 @@
 Every variant runs a whole generation (text encoding, sampling, VAE decoding to an image) on the same components,
 prompt, size, seed and number of steps, in one process, one after the other; ratios are against diffusers'
 plain pipeline of the same run. Models: the tiny presets (CPU), the real SD1.5 / SDXL architectures with random
-weights (``random-*``, :mod:`omniportrait.models.architectures`; speed and memory do not depend on weight values),
-and their narrow twins (``twin-*``, CPU): the real UNet's layers at a twentieth of its channels, whose steps cost about
-what issuing the real steps costs a GPU's host CPU. Peak memory is CUDA's allocator peak, reported on CUDA only.
+weights (``random-*``, :mod:`benchmarks.architectures`; speed and memory do not depend on weight values). Peak memory is CUDA's allocator peak, reported on CUDA only.
 """
 
 from __future__ import annotations
@@ -71,9 +69,9 @@ VARIANTS: dict[str, Variant] = {
 }
 # the feature passes step_calls also times as CUDA graphs, and with only the feed-forward's gate recomputed
 GRAPHED_PASSES = ("cfg", "split")
-MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "twin-sd15": ("sd15", 16), "twin-sdxl": ("sdxl", 16),
-          "random-sd15": ("sd15", 512), "random-sdxl": ("sdxl", 1024)}
-CPU_MODELS = ("tiny-", "twin-")  # run on the CPU in fp32 whatever the device
+MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "random-sd15": ("sd15", 512),
+          "random-sdxl": ("sdxl", 1024)}
+CPU_MODELS = ("tiny-",)  # run on the CPU in fp32 whatever the device
 
 
 @dataclass(frozen=True)
@@ -175,11 +173,7 @@ def model_components(model: str, device: torch.device, dtype: torch.dtype) -> tu
             if isinstance(module, torch.nn.Module):
                 module.to(device, dtype)
         return parts, pivot_encoder
-    if model.startswith("twin-"):
-        from omniportrait.models.architectures import narrow_twin_components
-
-        return narrow_twin_components(arch)
-    from omniportrait.models.architectures import real_components
+    from benchmarks.architectures import real_components
 
     return real_components(arch, dtype=dtype, device=str(device))
 

@@ -37,13 +37,6 @@ def test_bad_input_exits_2_with_one_line(tmp_path, astronaut_path, capsys):
     assert exit_info.value.code == 2
 
 
-def test_a_narrow_twin_runs_on_the_cpu_without_a_slowness_warning(astronaut_path, capsys, recwarn):
-    assert main(["bench", "--reference", astronaut_path, "--models", "twin-sd15", "--steps", "2", "--repeats", "1",
-                 "--variants", "rb-off"]) == 0
-    assert "twin-sd15 16x16, 2 steps" in capsys.readouterr().out
-    assert not [w for w in recwarn if "slow on the CPU" in str(w.message)]
-
-
 def test_a_failing_variant_exits_1_after_the_whole_report(monkeypatch, tmp_path, astronaut_path, capsys):
     from omniportrait import benchmark
     from tests.test_benchmark import failing
