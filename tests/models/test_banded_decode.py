@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.count_decode import decode_peak_gib
+from benchmarks.count import decode_peak_gib
 from omniportrait.models.banded_decode import (
     channel_moments,
     decode_in_bands,

@@ -15,7 +15,6 @@ SUBCOMMANDS = {
     "evaluate": "evaluate",
     "build-dataset": "build_dataset",
     "train": "train",
-    "bench": "bench",
 }
 
 
