@@ -10,7 +10,7 @@ peak of each; the CUDA kernels of one guided step by device time
 (``torch.profiler``) and the sum of all kernel time, which, against the step's wall time, says whether the step
 waits on the GPU or on Python; last, the source lines where a step makes the CPU wait for the GPU.
 
-    python benchmarks/profile_step.py --model random-sdxl [--feature-pass cfg] [--repeats 5]
+    python -m benchmarks.profile_step --model random-sdxl [--feature-pass cfg] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -20,21 +20,16 @@ import gc
 import time
 import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from omniportrait.benchmark import (
-    GRAPHED_PASSES,
-    MODELS,
-    PROMPT,
-    device_name,
-    failure,
-    model_pipeline,
-    placement,
-    step_calls,
-)
+from benchmarks.bench import EAGER, MODELS, PROMPT, SAMPLE, device_name, failure, model_pipeline, placement
 from omniportrait.guidance.config import FEATURE_PASSES
+
+GRAPHED_PASSES = ("cfg", "split")  # the feature passes also timed as CUDA graphs and with only the gate recomputed
+GUIDED_INDEX = 30  # of a 50-step schedule: a guided timestep
 
 
 def synchronize() -> None:
@@ -90,7 +85,7 @@ def graph_agreement(pipe, reference, size: int, steps: int = 10) -> str:
     """Final latents of a short generation with the guided steps as CUDA graphs against eager ones, per graphed
     feature pass (the same kernels run, so the difference should be at rounding level), and the memory a graphed
     generation leaves allocated once its output is gone, before and after a garbage collection.
-    Run on the pipeline as loaded: :func:`step_calls` installs processors a generation does not record with."""
+    Run before :func:`step_calls`, whose guidance states hold attention maps and captured steps."""
     from omniportrait.guidance import RBGuidanceConfig
     from omniportrait.pipelines import Identity
 
@@ -127,14 +122,74 @@ def kernel_table(call) -> str:
     return f"one guided step under the profiler: wall {wall:.1f} ms, kernels {kernel_ms:.1f} ms\n{table}"
 
 
-def main() -> None:
+def decoded(pipe, latents: torch.Tensor, in_bands: bool) -> torch.Tensor:
+    """The pipeline's decode, in bands or whole (whatever its default), for this call only."""
+    before, pipe.banded_decode = pipe.banded_decode, in_bands
+    try:
+        return pipe.decode(latents, "pt")
+    finally:
+        pipe.banded_decode = before
+
+
+def step_configs(graphs: bool) -> dict:
+    """The guidance of each kind of guided step: every feature pass eager; ``cfg`` and ``split`` also with only the
+    feed-forward's gate recomputed (``-gelu``) and, with ``graphs``, as CUDA graphs (``-graph``)."""
+    configs = {name: replace(EAGER, feature_pass=name) for name in FEATURE_PASSES}
+    configs.update({f"{name}-gelu": replace(configs[name], recompute="gelu") for name in GRAPHED_PASSES})
+    if graphs:  # captured on the first call, replayed on the later ones
+        configs.update({f"{name}-graph": replace(configs[name], cuda_graph=True) for name in GRAPHED_PASSES})
+        configs["record-graph"] = configs["cfg-graph"]  # its own state, which never captures a guided step
+    return configs
+
+
+def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | None = None) -> dict:
+    """Zero-argument calls of one sampling step at a guided timestep, per kind of step, as a generation runs them,
+    and of the VAE decode and the identity binding.
+
+    ``plain`` is the pipeline's unguided CFG step; ``plain+record`` the same step recording the attention the mask
+    needs (an unguided step of the full method); ``guided-<pass>`` a guided step (:func:`step_configs`), which
+    returns the noise and the gradient. With ``graphs`` (default: on CUDA), ``plain+record-graph`` and
+    ``guided-<pass>-graph`` are those steps as CUDA graphs. Each call starts with no attention recorded by any
+    state, so that no step's peak counts another's.
+    """
+    from omniportrait.guidance.rb import ReferenceGuidance
+    from omniportrait.pipelines import Identity
+
+    with torch.no_grad():  # as in a generation
+        bound = pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
+        cond = pipe.encode_text(PROMPT, None, 1, True, size, size, bound)
+    pipe.scheduler.set_timesteps(50, device=device)  # on the GPU, as the pipeline has them
+    t = pipe.scheduler.timesteps[GUIDED_INDEX]
+    side = size // pipe.vae_scale_factor
+    latents = torch.randn(1, 4, side, side, device=device, dtype=pipe.unet.dtype)
+    configs = step_configs(device.type == "cuda" if graphs is None else graphs)
+    guidance = {name: ReferenceGuidance(pipe, config, bound, size, size, 1) for name, config in configs.items()}
+
+    def fresh(name: str) -> ReferenceGuidance:
+        for state in guidance.values():
+            state.store.clear()
+        return guidance[name]
+
+    calls = {"plain": lambda: pipe.predict_noise(latents, t, GUIDED_INDEX, cond, 7.5),
+             "plain+record": lambda: fresh("cfg").plain_noise(latents, t, cond, 7.5)}
+    if "record-graph" in guidance:
+        calls["plain+record-graph"] = lambda: fresh("record-graph").plain_noise(latents, t, cond, 7.5)
+    for name in [name for name in guidance if name != "record-graph"]:
+        calls[f"guided-{name}"] = lambda name=name: fresh(name).noise_and_gradient(latents, t, cond, 7.5)
+    calls["vae-decode"] = lambda: fresh("cfg") and decoded(pipe, latents, in_bands=False)
+    calls["vae-decode-banded"] = lambda: fresh("cfg") and decoded(pipe, latents, in_bands=True)
+    calls["bind-identities"] = lambda: pipe.bind_identities(PROMPT, [Identity(reference, "woman")])
+    return calls
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random-sdxl", choices=list(MODELS),
                         help="tiny-* checks the script on a CPU")
-    parser.add_argument("--reference", default="examples/astronaut.jpg")
+    parser.add_argument("--reference", default=str(SAMPLE))
     parser.add_argument("--feature-pass", default="cfg", choices=FEATURE_PASSES, help="the pass profiled")
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from omniportrait.faces import prepare_reference
     from omniportrait.images import load_image
 

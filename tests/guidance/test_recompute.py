@@ -8,7 +8,7 @@ import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from benchmarks.count_guidance import SavedBytes
+from benchmarks.count import SavedBytes
 from omniportrait.guidance import RBGuidanceConfig
 from omniportrait.guidance.config import RECOMPUTES
 from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed, weights_frozen

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.count_decode import decode_peak_gib
+from benchmarks.count import decode_peak_gib
 from omniportrait.models.banded_decode import (
     channel_moments,
     decode_in_bands,
@@ -115,7 +115,7 @@ def test_decoders_of_another_shape_or_with_grad_go_through_diffusers(vae):
 
 
 def test_bands_lower_the_peak_of_the_real_sdxl_decode_at_1024():
-    from omniportrait.models.architectures import vae as real_vae
+    from benchmarks.architectures import vae as real_vae
 
     with torch.device("meta"):
         model = real_vae(0.13025)

@@ -1,7 +1,8 @@
 """Real SD1.5 and SDXL architectures with random weights, built from configs (no download).
 
 Speed and memory do not depend on weight values, so these give the real cost of our pipelines
-(``omniportrait bench --models random-sd15 random-sdxl``).
+(``python -m benchmarks.bench --models random-sd15 random-sdxl``); built on ``meta`` they cost nothing and let
+``benchmarks/count.py`` count memory and FLOPs on any CPU.
 Shapes follow the published model configs: SD1.5 UNet 860M (320-640-1280-1280, text width 768), SDXL UNet
 2.6B (320-640-1280, transformer depth 1-2-10, text width 2048), the KL VAE, CLIP-L (and OpenCLIP bigG for
 SDXL) text encoders, and a ViT-L/14 Pivot ID Encoder. The tokenizer is the tiny offline one.
@@ -47,8 +48,6 @@ SDXL_UNET = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
 )
-UNET_CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
-NARROWING = 20  # the narrow twin's channels are a twentieth of the real ones
 
 
 def sd15_unet() -> UNet2DConditionModel:
@@ -57,26 +56,6 @@ def sd15_unet() -> UNet2DConditionModel:
 
 def sdxl_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(**SDXL_UNET)
-
-
-def narrow_twin_unet(arch: str, text_width: int, pooled_width: int | None = None) -> UNet2DConditionModel:
-    """The real ``arch`` UNet's blocks and layers at a twentieth of its channels, for a text encoder of
-    ``text_width`` (SDXL: and a pooled embedding of ``pooled_width``). SD1.5 keeps its 8 heads; SDXL has 1-2-4
-    for 5-10-20 (those would not divide the narrow widths). Head counts change no operation.
-
-    It dispatches the operations of the real UNet, in the same order, on tensors hundreds of times smaller: on a
-    CPU a step of it costs mostly what issuing the real step costs a GPU's host (``omniportrait bench --models
-    twin-sdxl``; benchmarks/README.md says how far that holds).
-    """
-    config = dict(UNET_CONFIGS[arch])
-    config["block_out_channels"] = tuple(c // NARROWING for c in config["block_out_channels"])
-    config.update(norm_num_groups=8, cross_attention_dim=text_width)
-    if arch == "sdxl":  # head counts per level; pooled text and image sizes as added conditioning
-        config["attention_head_dim"] = (1, 2, 4)
-        time_width = 8
-        config.update(addition_time_embed_dim=time_width, projection_class_embeddings_input_dim=6 * time_width
-                      + pooled_width)
-    return UNet2DConditionModel(**config)
 
 
 def real_components(arch: str, dtype: torch.dtype = torch.float16, device: str = "cuda") -> tuple[dict, PivotIDEncoder]:
@@ -97,19 +76,3 @@ def real_components(arch: str, dtype: torch.dtype = torch.float16, device: str =
         if isinstance(module, torch.nn.Module):
             module.to(device, dtype).eval().requires_grad_(False)
     return parts, pie
-
-
-def narrow_twin_components(arch: str) -> tuple[dict, PivotIDEncoder]:
-    """The tiny pipeline's components (:func:`~omniportrait.models.tiny.tiny_components`) around the narrow twin of
-    the real ``arch`` UNet (:func:`narrow_twin_unet`), weights frozen as in the real-architecture bench."""
-    from omniportrait.models.tiny import TINY_TEXT_WIDTH, tiny_components
-
-    tiny = tiny_components(arch)
-    parts = dict(tiny.components)
-    text_width = TINY_TEXT_WIDTH if arch == "sd15" else 2 * TINY_TEXT_WIDTH
-    torch.manual_seed(0)
-    parts["unet"] = narrow_twin_unet(arch, text_width, pooled_width=TINY_TEXT_WIDTH)
-    for module in [*parts.values(), tiny.pivot_encoder]:
-        if isinstance(module, torch.nn.Module):
-            module.eval().requires_grad_(False)
-    return parts, tiny.pivot_encoder
