@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "build-dataset": "build_dataset",
     "train": "train",
     "bench": "bench",
+    "control": "control",
 }
 
 
