@@ -132,3 +132,22 @@ def test_a_photo_without_a_person_is_an_error_naming_it(which, coffee_path, tmp_
 def test_no_person_in_an_unnamed_image_says_the_image():
     with pytest.raises(NoPersonError, match="no person found in the image"):
         make_control_image("pose", Image.new("RGB", (128, 128), "white"))
+
+
+def test_the_docs_table_matches_the_mapping_and_colours():
+    from pathlib import Path
+
+    from omniportrait.control import COLOURS
+    from omniportrait.control.pose import NECK_FROM, OPENPOSE_FROM_MEDIAPIPE
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "control.md").read_text()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+
+    assert [int(row[0]) for row in rows] == list(range(18))
+    for (number, name, source, colour), keypoint in zip(rows, KEYPOINT_NAMES):
+        assert name.strip().replace(" ", "_") == keypoint
+        assert tuple(int(v) for v in colour.split(",")) == COLOURS[int(number)]
+        if keypoint == "neck":
+            assert source.strip().startswith(f"midpoint of {NECK_FROM[0]} and {NECK_FROM[1]} ")
+        else:
+            assert source.split()[0] == str(OPENPOSE_FROM_MEDIAPIPE[keypoint]), keypoint
