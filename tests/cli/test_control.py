@@ -26,8 +26,9 @@ def test_writes_the_control_image_png(kind, tmp_path, capsys):
 def test_canny_thresholds_reach_the_detector(tmp_path):
     low, high = tmp_path / "low.png", tmp_path / "high.png"
 
-    assert main(["control", "canny", ASTRONAUT, "--out", str(low), "--low-threshold", "20", "--high-threshold", "60"]) == 0
-    assert main(["control", "canny", ASTRONAUT, "--out", str(high), "--low-threshold", "300", "--high-threshold", "600"]) == 0
+    for out, (low_value, high_value) in ((low, ("20", "60")), (high, ("300", "600"))):
+        args = ["--out", str(out), "--low-threshold", low_value, "--high-threshold", high_value]
+        assert main(["control", "canny", ASTRONAUT, *args]) == 0
 
     assert (np.asarray(Image.open(low)) > 0).sum() > 2 * (np.asarray(Image.open(high)) > 0).sum()
 

@@ -14,7 +14,8 @@ def body_with(**points) -> Body:
 
 def test_layout_is_openpose_coco_18_with_17_limbs_and_18_colours():
     assert len(KEYPOINT_NAMES) == 18 and len(set(KEYPOINT_NAMES)) == 18
-    assert KEYPOINT_NAMES[:2] == ("nose", "neck") and KEYPOINT_NAMES[14:] == ("right_eye", "left_eye", "right_ear", "left_ear")
+    assert KEYPOINT_NAMES[:2] == ("nose", "neck")
+    assert KEYPOINT_NAMES[14:] == ("right_eye", "left_eye", "right_ear", "left_ear")
     assert len(LIMBS) == 17 and len(set(LIMBS)) == 17
     assert len(COLOURS) == 18 and COLOURS[0] == (255, 0, 0) and COLOURS[12] == (0, 0, 255)
     assert {index for limb in LIMBS for index in limb} == set(range(18))  # every keypoint is on a limb
@@ -54,7 +55,10 @@ def test_a_limb_with_a_missing_end_is_not_drawn_but_its_joint_is():
 
 
 def test_overlapping_limbs_blend_and_several_bodies_share_the_canvas():
-    crossing = [body_with(neck=(64.0, 10.0), right_hip=(64.0, 118.0)), body_with(neck=(10.0, 64.0), left_hip=(118.0, 64.0))]
+    crossing = [
+        body_with(neck=(64.0, 10.0), right_hip=(64.0, 118.0)),
+        body_with(neck=(10.0, 64.0), left_hip=(118.0, 64.0)),
+    ]
     image = np.asarray(draw_bodies(crossing, (128, 128))).astype(float)
 
     first, second = (np.array(COLOURS[LIMBS.index(limb)]) for limb in ((1, 8), (1, 11)))

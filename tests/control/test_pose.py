@@ -151,3 +151,14 @@ def test_the_docs_table_matches_the_mapping_and_colours():
             assert source.strip().startswith(f"midpoint of {NECK_FROM[0]} and {NECK_FROM[1]} ")
         else:
             assert source.split()[0] == str(OPENPOSE_FROM_MEDIAPIPE[keypoint]), keypoint
+
+
+def test_a_closed_detector_says_so_and_closes_once():
+    from omniportrait.control import PoseDetector
+
+    detector = PoseDetector(several_people=False)
+    detector.close()
+    detector.close()
+
+    with pytest.raises(RuntimeError, match="closed"):
+        detector.detect(Image.new("RGB", (64, 64)))

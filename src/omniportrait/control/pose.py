@@ -30,6 +30,7 @@ from PIL import Image
 from omniportrait.control.openpose import KEYPOINT_NAMES, Body, Point
 from omniportrait.errors import ConfigError
 from omniportrait.faces.base import Box
+from omniportrait.faces.mediapipe_backend import _downscaled
 
 __all__ = [
     "ANALYSIS_MAX_SIDE",
@@ -151,22 +152,24 @@ class PoseDetector:
         )
         self._faces = MediaPipeFaceDetector() if several_people else None
         self._lock = threading.Lock()
+        self._closed = False
 
     def detect(self, image: Image.Image) -> list[Body]:
         """Every person found in an upright RGB image, as bodies in its pixels (may be empty)."""
         image = image if image.mode == "RGB" else image.convert("RGB")
-        scale = min(1.0, self.max_side / max(image.size))
-        small = image if scale == 1.0 else image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR, reducing_gap=2.0
-        )
-        pixels = np.asarray(small)
+        small, scale = _downscaled(image, self.max_side)
         with self._lock:
-            bodies = self._bodies_in(pixels)
+            if self._closed:
+                raise RuntimeError("this PoseDetector is closed; create a new one")
+            bodies = self._bodies_in(np.asarray(small))
         return [body.transformed(1.0 / scale) for body in bodies]
 
     def close(self) -> None:
-        """Release the MediaPipe models."""
+        """Release the MediaPipe models (safe to call twice)."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._pose.close()
             if self._faces is not None:
                 self._faces.close()
