@@ -171,9 +171,9 @@ def step_calls(pipe, reference, size: int, device: torch.device, graphs: bool | 
         return guidance[name]
 
     calls = {"plain": lambda: pipe.predict_noise(latents, t, GUIDED_INDEX, cond, 7.5),
-             "plain+record": lambda: fresh("cfg").plain_noise(latents, t, cond, 7.5)}
+             "plain+record": lambda: fresh("cfg").steps.plain(latents, t, cond, 7.5)}
     if "record-graph" in guidance:
-        calls["plain+record-graph"] = lambda: fresh("record-graph").plain_noise(latents, t, cond, 7.5)
+        calls["plain+record-graph"] = lambda: fresh("record-graph").steps.plain(latents, t, cond, 7.5)
     for name in [name for name in guidance if name != "record-graph"]:
         calls[f"guided-{name}"] = lambda name=name: fresh(name).noise_and_gradient(latents, t, cond, 7.5)
     calls["vae-decode"] = lambda: fresh("cfg") and decoded(pipe, latents, in_bands=False)

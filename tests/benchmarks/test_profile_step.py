@@ -16,10 +16,10 @@ def test_a_measurement_is_formatted_and_a_failure_named_in_its_place():
 
 
 def test_the_step_calls_agree_where_they_should(monkeypatch, astronaut_reference):
-    from omniportrait.guidance.rb import ReferenceGuidance
+    from omniportrait.guidance.steps import StepRunner
     from tests.guidance.test_graph import EmulatedGraphs
 
-    monkeypatch.setattr(ReferenceGuidance, "graph_backend", EmulatedGraphs)
+    monkeypatch.setattr(StepRunner, "graph_backend", EmulatedGraphs)
     pipe = build("sd15")
     calls = step_calls(pipe, astronaut_reference, 64, torch.device("cpu"), graphs=True)
     assert torch.equal(calls["plain+record"](), calls["plain"]())  # recording changes nothing computed

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "evaluate": "evaluate",
     "build-dataset": "build_dataset",
     "train": "train",
+    "control": "control",
 }
 
 
