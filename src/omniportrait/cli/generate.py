@@ -19,13 +19,13 @@ from omniportrait.text import find_person_nouns
 # Flags that change what a generation costs, not the image it draws (up to rounding); evaluate takes them too.
 COST_FLAGS = {
     "--banded-decode": dict(action=argparse.BooleanOptionalAction, default=None,
-                            help="decode in bands of rows: the same image up to rounding, with less memory (SDXL at "
-                                 "1024², H100: a 9.5 instead of 12.6 GiB peak, as fast; default: on where the VAE "
-                                 "decodes in fp32 on CUDA, as SDXL's does; --no-banded-decode: diffusers' decode)"),
+                            help="decode in bands of rows: the same image up to rounding, with a lower memory peak "
+                                 "(default: on where the VAE decodes in fp32 on CUDA, as SDXL's does; "
+                                 "--no-banded-decode: diffusers' decode)"),
     "--rb-recompute": dict(choices=RECOMPUTES, default=RBGuidanceConfig().recompute,
                            help="what the guided step's feed-forwards recompute in the backward: projection "
-                                "(default; SDXL cfg: 1.2 GiB less than gelu, same FLOPs; with split or separate 9%% "
-                                "more FLOPs) or gelu; same images"),
+                                "(default: keeps less than gelu, the same FLOPs with the cfg pass) or gelu; "
+                                "same images"),
     "--rb-cuda-graph": dict(action=argparse.BooleanOptionalAction, default=None,
                             help="capture the sampling steps as CUDA graphs once and replay them: the same images, "
                                  "less host time (default: on where they can run: CUDA, a scheduler without input "

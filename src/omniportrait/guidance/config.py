@@ -21,7 +21,8 @@ class RBGuidanceConfig:
         ref_timestep: ``t0``, noise level of the reference features.
         dift_ensemble: ``K`` seeded noises averaged for the reference features.
         dift_block: UNet ``up_blocks`` index whose output is the feature map (None: SD1.5 1, SDXL 0).
-        reduction: ``sum`` over reference points (eq. 8) or ``mean`` (gradient smaller by ``|M_ref|``).
+        reduction: ``sum`` over reference points (eq. 8) or ``mean`` (S divided by ``|M_ref|``: the gradient of E then
+            grows, by about ``|M_ref|·s²/(1+s)²`` for a mean match score ``s``).
         mask_iterations / mask_power / mask_threshold: ``γ``, ``α``, ``β`` of the regional mask (eq. 6).
         attention_divisor: the mask comes from attention layers whose maps are latent/``attention_divisor``.
         background_masking: multiply the gradient by ``M_gen`` (eq. 9).
@@ -32,18 +33,16 @@ class RBGuidanceConfig:
         recompute: what each transformer block's GEGLU feed-forward computes again in the backward instead of
             keeping: ``projection`` its whole projection from its input; ``gelu`` only its gate. In the batched
             ``cfg`` pass the gates keep and differentiate the conditional rows only, and the two cost the same
-            FLOPs (SDXL 1024²: 3.89 GiB kept for the backward with ``projection``, 5.06 with ``gelu``); with
-            ``split`` and ``separate``, ``projection`` costs one more matmul per block (9% more FLOPs per guided
-            step) for 1.2 GiB less. The same gradient either way (up to the rounding of matrix products over fewer
-            rows).
+            FLOPs with ``projection`` keeping less; with ``split`` and ``separate``, ``projection`` costs one more
+            matmul per block for less memory. The same gradient either way (up to the rounding of matrix products
+            over fewer rows).
         gradient_interval: recompute ``∇E`` on every N-th guided step and add the last one on the steps between
             (1, the paper: every guided step; N cuts the backward passes to about 1/N).
         cuda_graph: capture the sampling step as a CUDA graph on its first call and replay it on the later ones
             (the unguided step and the guided step, each kind once): the host launches one graph instead of every
-            kernel. It needs CUDA, a scheduler without input scaling (such as the default DDIM) and the UNet's
-            weights in place (no CPU offloading). None (default): on wherever it can run, off elsewhere; True: on,
-            and a clear error where it cannot run; False: off. The same latents as eager steps (max |Δ| 0 over 10
-            steps of SDXL and SD1.5 on an H100); SDXL 1024², 50 steps on the H100: 4.55 s instead of 7.56 eager.
+            kernel, and the latents equal eager steps'. It needs CUDA, a scheduler without input scaling (such as
+            the default DDIM) and the UNet's weights in place (no CPU offloading). None (default): on wherever it
+            can run, off elsewhere; True: on, and a clear error where it cannot run; False: off.
         ref_prompt: prompt for the reference features; ``{word}`` is the identity's class word.
         ref_seed: seed of the reference noises.
     """

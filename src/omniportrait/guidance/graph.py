@@ -1,7 +1,6 @@
 """Sampling steps captured once as CUDA graphs and replayed on the later steps of their kind.
 
-On a fast GPU a guided step waits on the host CPU, which issues its thousands of kernels one by one: on the H100 of
-benchmarks/README.md a guided SDXL step took 161 ms of wall time for 95 ms of kernels. A CUDA graph
+On a fast GPU a guided step waits on the host CPU, which issues its thousands of kernels one by one. A CUDA graph
 (``torch.cuda.CUDAGraph``) records the step's kernels once and launches them all with one call.
 
 A replay runs only the recorded GPU work, on the same memory: it reads its inputs from fixed buffers, writes the
@@ -24,8 +23,8 @@ CAPTURE_FAILED = "a sampling step could not be captured as a CUDA graph and runs
 @functools.cache
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The one stream every capture on ``device`` runs on, for the whole process. cuBLAS keeps a workspace for each
-    stream it has run on until the process ends; with a new stream per captured step, each graphed SDXL generation
-    left ~100 MiB allocated on the H100 (``benchmarks/profile_step.py``), cleared by no garbage collection."""
+    stream it has run on until the process ends: a new stream per captured step would leave a workspace allocated after
+    every graphed generation, which no garbage collection frees."""
     return torch.cuda.Stream(device)
 
 

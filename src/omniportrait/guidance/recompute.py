@@ -16,10 +16,8 @@ unconditional rows get a zero gradient. Given those ``rows``, a gate keeps and d
 the others zeros. With ``projection``, the recomputed projection and the input's gradient then cover those rows
 only: the two half-batch matrix products cost what ``gelu``'s one over the whole batch does.
 
-Counted on the SDXL UNet at 1024², fp16, one guided ``cfg`` step (``python -m benchmarks.count_guidance``): autograd
-alone keeps 7.71 GiB; ``gelu`` 6.38 GiB over every row, 5.06 over the conditional rows, both 25.7 TFLOP;
-``projection`` 4.06 GiB and 29.1 TFLOP over every row, 3.89 GiB and 25.7 TFLOP over the conditional rows. The gradient
-is bit for bit autograd's, except that the matrix products over fewer rows may round differently.
+What each keeps on the real UNets is counted by ``python -m benchmarks.count guidance`` (``benchmarks/results/``).
+The gradient is bit for bit autograd's, except that the matrix products over fewer rows may round differently.
 """
 
 from __future__ import annotations

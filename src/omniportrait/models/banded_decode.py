@@ -15,8 +15,7 @@ So only a layer's input and output are whole at any time; the normalised, activa
 time. In the last, full-resolution up-block a resnet's middle activation (its first convolution's output) is not
 kept whole either: it is made band by band twice, once for the second GroupNorm's statistics and once more, with
 the rows the second convolution reaches, for that convolution. That costs the block's first convolutions a second
-time and leaves the resnet's input and output alone at the peak (SDXL at 1024²: 1.5 instead of 2.0 GiB besides
-the bands). The result equals diffusers' decode up to floating-point rounding (the statistics and the per-band
+time and leaves the resnet's input and output alone at the peak. The result equals diffusers' decode up to floating-point rounding (the statistics and the per-band
 convolutions sum in a different order). Decoders of another structure are decoded as diffusers does.
 """
 

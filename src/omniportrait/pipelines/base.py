@@ -117,7 +117,7 @@ class OmniPortraitMixin:
     def decodes_in_bands(self) -> bool:
         """Whether the decode runs in bands: as :meth:`enable_banded_decode` / :meth:`disable_banded_decode` set it,
         else where an fp16 pipeline's VAE decodes in fp32 on CUDA (SDXL's ``force_upcast``, as diffusers does). There
-        the whole decode is a generation's memory peak, and the bands take about as long (``benchmarks/README.md``)."""
+        the whole decode is a generation's memory peak, and the bands take about as long (``benchmarks/results/``)."""
         if self.banded_decode is not None:
             return self.banded_decode
         return self._execution_device.type == "cuda" and self.upcasts_vae()
