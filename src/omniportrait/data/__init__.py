@@ -16,7 +16,7 @@ import importlib
 
 _LAZY = {
     "BuildConfig": "omniportrait.data.build",
-    "BuildResult": "omniportrait.data.build",
+    "BuildResult": "omniportrait.data.manifest",
     "build_dataset": "omniportrait.data.build",
     "FilterConfig": "omniportrait.data.filters",
     "REASONS": "omniportrait.data.filters",

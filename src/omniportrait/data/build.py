@@ -57,7 +57,9 @@ from omniportrait.data.filters import (
     score_reason,
     size_reason,
 )
+from omniportrait.data.manifest import BUILD_FILE, BuildResult, flat_arguments
 from omniportrait.data.records import TrainingRecord, index_row, record_to_sample
+from omniportrait.data.report import finish_build
 from omniportrait.data.shards import FolderShardWriter, TarShardWriter, remove_stale_temporaries
 from omniportrait.data.sources import (
     InputReadError,
@@ -100,7 +102,6 @@ DEFAULT_FACE_SIZE = 224
 
 INPUT_FORMATS = ("auto", "folder", "webdataset", "urls")
 OUTPUT_FORMATS = ("webdataset", "folder")
-BUILD_FILE = "build.json"
 SHARDS_DIR = "shards"
 STATS_DIR = "stats"
 DOWNLOAD_DIR = "download"
@@ -186,36 +187,6 @@ class Rejection:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class BuildResult:
-    """What a build did. ``counts`` has one entry per reason plus ``kept``, over all shards."""
-
-    output: Path
-    inputs: int
-    counts: dict[str, int]
-    shards: int
-    shards_built: int
-    index_path: Path
-    report_path: Path
-    seconds: float
-    failures: list[str]
-
-    @property
-    def kept(self) -> int:
-        return self.counts.get(KEPT, 0)
-
-
-def flat_arguments(values: dict, prefix: str = "") -> dict:
-    """``{"filters": {"min_side": 512}}`` -> ``{"filters.min_side": 512}``."""
-    flat = {}
-    for name, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flat_arguments(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
-
-
 def shard_name(index: int) -> str:
     """``shard-000012``: shards sort by name in plan order."""
     return f"shard-{index:06d}"
@@ -235,7 +206,6 @@ def build_dataset(config: BuildConfig) -> BuildResult:
         MissingDependencyError: a URL table without ``img2dataset``, ``--ray`` without Ray.
         DatasetBuildError: a worker process died; rerun the same command to resume.
     """
-    from omniportrait.data.report import finish_build
 
     started = time.perf_counter()
     config = _normalized(config)

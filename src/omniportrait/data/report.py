@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from omniportrait.data.filters import KEPT, REASONS
+from omniportrait.data.manifest import BUILD_FILE, BuildResult, flat_arguments
 from omniportrait.files import write_bytes_atomic
 
 __all__ = [
@@ -208,8 +209,6 @@ def _throughput_lines(summary: BuildSummary) -> list[str]:
 
 def _settings_lines(arguments: dict) -> list[str]:
     lines = ["## Settings", "", "| argument | value |", "| --- | --- |"]
-    from omniportrait.data.build import flat_arguments
-
     for name, value in sorted(flat_arguments(arguments).items()):
         lines.append(f"| {name} | `{value}` |")
     return lines
@@ -226,8 +225,6 @@ def _share(count: int, total: int) -> str:
 
 def finish_build(output: Path, config, inputs: int, shards: int, built: int, seconds: float):
     """Write the index and the report from every shard's stats; return the :class:`BuildResult`."""
-    from omniportrait.data.build import BUILD_FILE, BuildResult
-
     output = Path(output)
     summary, index_path = summarize_and_index(output)
     build_info = json.loads((output / BUILD_FILE).read_text())
