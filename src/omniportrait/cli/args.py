@@ -8,6 +8,7 @@ what was given. :class:`OneLineParser` keeps argparse's own refusals to that one
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable
 
@@ -19,7 +20,7 @@ class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line on stderr (no usage block) and exit status 2."""
 
     def error(self, message: str):
-        line = " ".join(str(message).split())
+        line = re.sub(r"^argument ([^:]+): ", r"\1 ", " ".join(str(message).split()))
         self.exit(2, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
 
 
@@ -70,7 +71,7 @@ def choice_of(names, what: str) -> Callable[[str], str]:
     return parse
 
 
-def _from_check(check: Callable[[str], object], name: str) -> Callable[[str], str]:
+def checked(check: Callable[[str], object], name: str) -> Callable[[str], str]:
     """argparse type from a checker of :mod:`omniportrait.files` that raises ``ConfigError``."""
 
     def parse(value: str) -> str:
@@ -88,14 +89,14 @@ def existing_file() -> Callable[[str], str]:
     """argparse type: the path of an existing file (not a folder)."""
     from omniportrait.files import check_input_file
 
-    return _from_check(check_input_file, "file")
+    return checked(check_input_file, "file")
 
 
 def existing_folder() -> Callable[[str], str]:
     """argparse type: the path of an existing folder."""
     from omniportrait.files import check_input_folder
 
-    return _from_check(check_input_folder, "folder")
+    return checked(check_input_folder, "folder")
 
 
 def output_file(suffix: str | None = None) -> Callable[[str], str]:
@@ -103,14 +104,14 @@ def output_file(suffix: str | None = None) -> Callable[[str], str]:
     nearest existing folder above it writable (so missing folders can be made)."""
     from omniportrait.files import check_output_file
 
-    return _from_check(lambda value: check_output_file(value, suffix), "output file")
+    return checked(lambda value: check_output_file(value, suffix), "output file")
 
 
 def output_folder() -> Callable[[str], str]:
     """argparse type: a folder we can create or write into (not a file or device)."""
     from omniportrait.files import check_output_folder
 
-    return _from_check(check_output_folder, "output folder")
+    return checked(check_output_folder, "output folder")
 
 
 def device_name(value: str) -> str:

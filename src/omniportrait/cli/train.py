@@ -12,21 +12,30 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
+from omniportrait.cli.args import checked, choice_of, number, text
 from omniportrait.training.config import TrainConfig
 
 EXAMPLE = "omniportrait train --data records/ --preset sd15 --output runs/pie --max-steps 80000 [--resume]"
 
 
 def argument_kwargs(name: str) -> dict:
-    """``add_argument`` keywords for the :class:`TrainConfig` field ``name`` from its annotation."""
+    """``add_argument`` keywords for the :class:`TrainConfig` field ``name`` from its annotation and the values
+    its metadata accepts (``range``, ``choices``, ``check``), so a bad value is refused while parsing."""
     kind = typing.get_type_hints(TrainConfig)[name]
+    meta = next(item for item in fields(TrainConfig) if item.name == name).metadata
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
     if typing.get_origin(kind) is tuple:
-        return {"nargs": "+", "type": str}
-    return {"type": kind}
+        return {"nargs": "+", "type": text("prompt")}
+    if "range" in meta:
+        return {"type": number(meta["range"])}
+    if "choices" in meta:
+        return {"type": choice_of(meta["choices"], name.replace("_", " "))}
+    if "check" in meta:
+        return {"type": checked(meta["check"], name.replace("_", " "))}
+    return {"type": text(name.replace("_", " "))}
 
 
 def add_parser(subparsers) -> None:
