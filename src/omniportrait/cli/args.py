@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from typing import Callable
 
 from omniportrait.errors import ConfigError
@@ -34,6 +33,7 @@ def number(value_range: Range) -> Callable[[str], int | float]:
             raise argparse.ArgumentTypeError(str(err)) from None
 
     parse.__name__ = "integer" if value_range.integer else "number"
+    parse.range = value_range  # what the flag accepts, for its help and the flag tests
     return parse
 
 
@@ -56,6 +56,7 @@ def text(what: str = "value") -> Callable[[str], str]:
         return value
 
     parse.__name__ = what
+    parse.kind = "text"
     return parse
 
 
@@ -68,11 +69,13 @@ def choice_of(names, what: str) -> Callable[[str], str]:
         return value
 
     parse.__name__ = what
+    parse.choices = tuple(names)
     return parse
 
 
 def checked(check: Callable[[str], object], name: str) -> Callable[[str], str]:
-    """argparse type from a checker of :mod:`omniportrait.files` that raises ``ConfigError``."""
+    """argparse type from a checker (e.g. of :mod:`omniportrait.files`) that raises ``ConfigError``; ``name``
+    says what kind of path or value it takes (``file``, ``folder``, ``output file``, ...)."""
 
     def parse(value: str) -> str:
         try:
@@ -82,6 +85,7 @@ def checked(check: Callable[[str], object], name: str) -> Callable[[str], str]:
         return value
 
     parse.__name__ = name
+    parse.kind = name
     return parse
 
 
@@ -104,7 +108,9 @@ def output_file(suffix: str | None = None) -> Callable[[str], str]:
     nearest existing folder above it writable (so missing folders can be made)."""
     from omniportrait.files import check_output_file
 
-    return checked(lambda value: check_output_file(value, suffix), "output file")
+    parse = checked(lambda value: check_output_file(value, suffix), "output file")
+    parse.suffix = suffix
+    return parse
 
 
 def output_folder() -> Callable[[str], str]:
@@ -125,6 +131,9 @@ def device_name(value: str) -> str:
     return value
 
 
+device_name.kind = "device"
+
+
 def dtype_name(value: str) -> str:
     """argparse type: ``auto`` or a dtype :func:`~omniportrait.pipelines.loading.resolve_dtype` knows."""
     from omniportrait.pipelines.loading import DTYPES
@@ -132,6 +141,4 @@ def dtype_name(value: str) -> str:
     return choice_of(("auto", *DTYPES), "dtype")(value)
 
 
-def warn_line(message: str) -> None:
-    """A one-line notice on stderr, in the CLI's warning format."""
-    print(f"omniportrait: warning: {message}", file=sys.stderr)
+dtype_name.choices = ("auto", "fp32", "fp16", "bf16")

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
                    help="mediapipe or package.module:factory")
     p.add_argument("--captioner", metavar="NAME", default="metadata", type=text("captioner"),
                    help="metadata (captions of the inputs), blip2, or package.module:factory")
-    p.add_argument("--captioner-model", metavar="MODEL", default=None, help="BLIP-2 checkpoint (default Salesforce/blip2-opt-2.7b)")
+    p.add_argument("--captioner-model", type=text("captioner model"), metavar="MODEL", default=None, help="BLIP-2 checkpoint (default Salesforce/blip2-opt-2.7b)")
     p.add_argument("--recaption", action="store_true", help="caption every image with the captioner")
     p.add_argument("--noun-extractor", metavar="NAME", default="rules", type=text("noun extractor"),
                    help="rules or package.module:factory")
@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
                    help="caption column of a URL table")
     p.add_argument("--workers", metavar="N", type=int_in(0, 1024), default=None,
                    help="worker processes (default: one per CPU; 0: build in this process)")
-    p.add_argument("--ray", dest="ray_address", default=None, metavar="ADDRESS",
+    p.add_argument("--ray", dest="ray_address", type=text("Ray address"), default=None, metavar="ADDRESS",
                    help="run shards on Ray: auto, ray://HOST:10001, HOST:6379, or local")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=run)

@@ -57,25 +57,25 @@ def add_parser(subparsers) -> None:
         p.add_argument(flag, **spec)
     p.add_argument("--seeds", type=int_in(1, 1000), default=1, help="seeds per (reference, prompt) (default: 1)")
     p.add_argument("--first-seed", type=number(SEED), default=0, help="seeds are FIRST … FIRST+N-1 (default: 0)")
-    p.add_argument("--class-words", default=None, metavar="NAME=WORD,...|FILE",
+    p.add_argument("--class-words", type=text("class words"), default=None, metavar="NAME=WORD,...|FILE",
                    help="class word per reference, e.g. alice.jpg=woman,bob.jpg=man, or a file of NAME=WORD lines")
     p.add_argument("--class-word", default=DEFAULT_CLASS_WORD, type=text("class word"),
                    help=f"class word of references not named in --class-words (default: {DEFAULT_CLASS_WORD})")
     p.add_argument("--face-index", type=number(FACE_INDEX), default=None, help="face to use in each reference (0 = largest)")
-    p.add_argument("--categories", default=None,
+    p.add_argument("--categories", type=text("categories"), default=None,
                    help=f"comma-separated subset of {', '.join(CATEGORIES)} (default: all)")
     p.add_argument("--prompts-per-category", type=int_in(1, 10**6), default=None, help="first N prompts of each category")
     p.add_argument("--max-prompts", type=int_in(1, 10**6), default=None, help="N prompts taken round-robin over the categories")
-    p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
+    p.add_argument("--sweep", type=text("sweep"), default=None, metavar="NAME=V1,V2,...",
                    help="vary one pipeline parameter for the Fig. 5 plot, "
                         "e.g. guidance-scale=3,7.5 or rb-strength=0,4,8.5,16")
-    p.add_argument("--metrics", default=None,
+    p.add_argument("--metrics", type=text("metrics"), default=None,
                    help=f"comma-separated subset of {', '.join(METRIC_NAMES)} (default: all)")
-    p.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
+    p.add_argument("--clip-model", type=text("CLIP model"), default=DEFAULT_CLIP_MODEL,
                    help="CLIP for CLIP-T, CLIP-I, FID-CLIP: hub id, folder, or tiny-random "
                         f"(default {DEFAULT_CLIP_MODEL})")
-    p.add_argument("--iqa-model", default=None, help="CLIP for CLIP-IQA (default: --clip-model)")
-    p.add_argument("--blip-model", default=DEFAULT_BLIP_MODEL,
+    p.add_argument("--iqa-model", type=text("CLIP-IQA model"), default=None, help="CLIP for CLIP-IQA (default: --clip-model)")
+    p.add_argument("--blip-model", type=text("BLIP model"), default=DEFAULT_BLIP_MODEL,
                    help=f"BLIP image-text matching model (default {DEFAULT_BLIP_MODEL})")
     p.add_argument("--sim-backend", choices=SIM_BACKENDS, default="auto",
                    help="auto: FaceNet when --facenet-weights is given, else dlib")

@@ -170,6 +170,9 @@ def identity_flag(value: str) -> str:
     return value
 
 
+identity_flag.kind = "identity"
+
+
 def identities_from_args(args) -> list[Identity]:
     """The identities asked for, class words resolved, before any model is loaded."""
     identities = [Identity(photo, word, occurrence, args.face_index) for photo, word, occurrence in
