@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -111,7 +112,9 @@ def check_torch_file(path: str | Path, what: str = "weights file"):
 
     file = _existing_file(path, what)
     try:
-        return torch.load(str(file), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notice about the pickle protocol is not the user's concern
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(file), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "weights_only" in str(err) or "Unsupported global" in str(err):
