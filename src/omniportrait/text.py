@@ -52,3 +52,19 @@ def find_person_nouns(text: str) -> list[NounSpan]:
             bare = re.match(r"[A-Za-z]+", match.group()).group()
             found.append(NounSpan(bare, lemma, match.start(), match.start() + len(bare)))
     return found
+
+
+def cut_by_tokenizer(tokenizer, text: str) -> str | None:
+    """The end of ``text`` a CLIP tokenizer drops (it keeps ``model_max_length`` tokens, start and end marks
+    included), as the words the user wrote; ``None`` when nothing is cut.
+
+    Pipelines cut long prompts silently; front ends call this to say what was lost. A class word in the
+    dropped part stays an error of its own (the identity cannot bind to it).
+    """
+    limit = int(getattr(tokenizer, "model_max_length", 77))
+    ids = tokenizer(text, truncation=False, add_special_tokens=False).input_ids
+    kept = limit - 2  # the start and end marks take two places
+    if len(ids) <= kept:
+        return None
+    dropped = tokenizer.decode(ids[kept:], skip_special_tokens=True).strip()
+    return dropped or None

@@ -25,7 +25,7 @@ def test_cli_builds_and_resumes(tmp_path, mixed_inputs, capsys):
     ("make_args", "message"),
     [
         (lambda tmp, src: _args(tmp / "missing", tmp / "out"), "does not exist"),
-        (lambda tmp, src: _args(src, tmp / "out", "--shard-size", "0"), "--shard-size must be at least 1"),
+        (lambda tmp, src: _args(src, tmp / "out", "--shard-size", "0"), "--shard-size must be an integer in [1, "),
         (lambda tmp, src: _args(src, tmp / "out", "--captioner", "nope"), "captioner 'nope' is unknown"),
     ],
 )

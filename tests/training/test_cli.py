@@ -34,12 +34,13 @@ def train_command(data, output, steps: int, *extra: str) -> list[str]:
             "--max-steps", str(steps), *FAST, *extra]
 
 
-def test_every_config_field_is_a_flag_with_its_default():
+def test_every_config_field_is_a_flag_with_its_default(tmp_path):
     parser = build_parser()
-    args = parser.parse_args(["train", "--data", "d", "--output", "o"])
+    data, output = str(tmp_path), str(tmp_path / "o")
+    args = parser.parse_args(["train", "--data", data, "--output", output])
     for item in fields(TrainConfig):
         assert hasattr(args, item.name), item.name
-    defaults = TrainConfig(data="d", output="o")
+    defaults = TrainConfig(data=data, output=output)
     assert (args.learning_rate, args.eta, args.cond_dropout) == (2e-5, 2e-3, 0.1)
     for item in fields(TrainConfig):
         if item.name != "sample_prompts":

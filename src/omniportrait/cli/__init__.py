@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -19,10 +18,12 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     from omniportrait import __version__
 
-    parser = argparse.ArgumentParser(
+    from omniportrait.cli.args import OneLineParser
+
+    parser = OneLineParser(
         prog="omniportrait", description="Identity-customized portraits on Stable Diffusion 1.5 and SDXL."
     )
     parser.add_argument("--version", action="version", version=f"omniportrait {__version__}")
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # a refused flag (one line already printed, status 2), --help or --version
+        return stop.code if isinstance(stop.code, int) else 0
     try:
         return args.run(args)
     except OmniPortraitError as err:

@@ -10,6 +10,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from omniportrait.errors import ConfigError
+
+from omniportrait.cli.args import (
+    choice_of,
+    device_name,
+    dtype_name,
+    existing_file,
+    existing_folder,
+    int_in,
+    number,
+    output_folder,
+    text,
+)
 from omniportrait.cli.generate import COST_FLAGS
 from omniportrait.evaluation.metrics import METRIC_NAMES, MetricConfig, parse_metric_names
 from omniportrait.evaluation.metrics.blip import DEFAULT_BLIP_MODEL
@@ -17,6 +30,8 @@ from omniportrait.evaluation.metrics.clip import DEFAULT_CLIP_MODEL
 from omniportrait.evaluation.prompts import CATEGORIES, DEFAULT_CLASS_WORD
 from omniportrait.evaluation.sim import SIM_BACKENDS
 from omniportrait.pipelines.loading import PRESETS
+from omniportrait.pipelines.schedulers import SCHEDULERS
+from omniportrait.values import FACE_INDEX, GUIDANCE_SCALE, IMAGE_SIDE, SEED, SEED_MAX, STEPS
 
 
 def add_parser(subparsers) -> None:
@@ -26,52 +41,52 @@ def add_parser(subparsers) -> None:
                     "CLIP-T, CLIP-I, SIM, BLIP, CLIP-IQA and FID (paper §4.2). Resumable; data-parallel under "
                     "accelerate launch.",
     )
-    p.add_argument("--references", required=True, help="folder of reference face photos")
-    p.add_argument("--output", required=True, help="folder for images, sidecars and reports (reused to resume)")
-    p.add_argument("--preset", default="sd15", help=f"one of {', '.join(PRESETS)} (default: sd15)")
-    p.add_argument("--base", default=None, help="hub id, diffusers folder or .safetensors file (overrides preset)")
+    p.add_argument("--references", required=True, type=existing_folder(), help="folder of reference face photos")
+    p.add_argument("--output", required=True, type=output_folder(), help="folder for images, sidecars and reports (reused to resume)")
+    p.add_argument("--preset", default="sd15", type=choice_of(PRESETS, "preset"), help=f"one of {', '.join(PRESETS)} (default: sd15)")
+    p.add_argument("--base", default=None, type=text("base model"), help="hub id, diffusers folder or .safetensors file (overrides preset)")
     p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
-    p.add_argument("--pivot-encoder", default=None, help="folder of a trained PivotIDEncoder (save_pretrained)")
-    p.add_argument("--scheduler", default="ddim", help="sampler (paper: ddim)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (paper: 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance w (paper: 7.5)")
-    p.add_argument("--width", type=int, default=None, help="default: the preset's size")
-    p.add_argument("--height", type=int, default=None, help="default: the preset's size")
+    p.add_argument("--pivot-encoder", default=None, type=existing_folder(), help="folder of a trained PivotIDEncoder (save_pretrained)")
+    p.add_argument("--scheduler", default="ddim", type=choice_of(SCHEDULERS, "scheduler"), help="sampler (paper: ddim)")
+    p.add_argument("--steps", type=number(STEPS), default=50, help="sampling steps (paper: 50)")
+    p.add_argument("--guidance-scale", type=number(GUIDANCE_SCALE), default=7.5, help="classifier-free guidance w (paper: 7.5)")
+    p.add_argument("--width", type=number(IMAGE_SIDE), default=None, help="default: the preset's size")
+    p.add_argument("--height", type=number(IMAGE_SIDE), default=None, help="default: the preset's size")
     p.add_argument("--negative-prompt", default=None)
     for flag, spec in COST_FLAGS.items():  # the images do not change, so finished ones are reused either way
         p.add_argument(flag, **spec)
-    p.add_argument("--seeds", type=int, default=1, help="seeds per (reference, prompt) (default: 1)")
-    p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST … FIRST+N-1 (default: 0)")
-    p.add_argument("--class-words", default=None, metavar="NAME=WORD,...|FILE",
+    p.add_argument("--seeds", type=int_in(1, 1000), default=1, help="seeds per (reference, prompt) (default: 1)")
+    p.add_argument("--first-seed", type=number(SEED), default=0, help="seeds are FIRST … FIRST+N-1 (default: 0)")
+    p.add_argument("--class-words", type=text("class words"), default=None, metavar="NAME=WORD,...|FILE",
                    help="class word per reference, e.g. alice.jpg=woman,bob.jpg=man, or a file of NAME=WORD lines")
-    p.add_argument("--class-word", default=DEFAULT_CLASS_WORD,
+    p.add_argument("--class-word", default=DEFAULT_CLASS_WORD, type=text("class word"),
                    help=f"class word of references not named in --class-words (default: {DEFAULT_CLASS_WORD})")
-    p.add_argument("--face-index", type=int, default=None, help="face to use in each reference (0 = largest)")
-    p.add_argument("--categories", default=None,
+    p.add_argument("--face-index", type=number(FACE_INDEX), default=None, help="face to use in each reference (0 = largest)")
+    p.add_argument("--categories", type=text("categories"), default=None,
                    help=f"comma-separated subset of {', '.join(CATEGORIES)} (default: all)")
-    p.add_argument("--prompts-per-category", type=int, default=None, help="first N prompts of each category")
-    p.add_argument("--max-prompts", type=int, default=None, help="N prompts taken round-robin over the categories")
-    p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
+    p.add_argument("--prompts-per-category", type=int_in(1, 10**6), default=None, help="first N prompts of each category")
+    p.add_argument("--max-prompts", type=int_in(1, 10**6), default=None, help="N prompts taken round-robin over the categories")
+    p.add_argument("--sweep", type=text("sweep"), default=None, metavar="NAME=V1,V2,...",
                    help="vary one pipeline parameter for the Fig. 5 plot, "
                         "e.g. guidance-scale=3,7.5 or rb-strength=0,4,8.5,16")
-    p.add_argument("--metrics", default=None,
+    p.add_argument("--metrics", type=text("metrics"), default=None,
                    help=f"comma-separated subset of {', '.join(METRIC_NAMES)} (default: all)")
-    p.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
+    p.add_argument("--clip-model", type=text("CLIP model"), default=DEFAULT_CLIP_MODEL,
                    help="CLIP for CLIP-T, CLIP-I, FID-CLIP: hub id, folder, or tiny-random "
                         f"(default {DEFAULT_CLIP_MODEL})")
-    p.add_argument("--iqa-model", default=None, help="CLIP for CLIP-IQA (default: --clip-model)")
-    p.add_argument("--blip-model", default=DEFAULT_BLIP_MODEL,
+    p.add_argument("--iqa-model", type=text("CLIP-IQA model"), default=None, help="CLIP for CLIP-IQA (default: --clip-model)")
+    p.add_argument("--blip-model", type=text("BLIP model"), default=DEFAULT_BLIP_MODEL,
                    help=f"BLIP image-text matching model (default {DEFAULT_BLIP_MODEL})")
     p.add_argument("--sim-backend", choices=SIM_BACKENDS, default="auto",
                    help="auto: FaceNet when --facenet-weights is given, else dlib")
-    p.add_argument("--facenet-weights", default=None, help="VGGFace2 InceptionResnetV1 state dict (the paper's SIM)")
-    p.add_argument("--fid-inception-weights", default=None,
+    p.add_argument("--facenet-weights", default=None, type=existing_file(), help="VGGFace2 InceptionResnetV1 state dict (the paper's SIM)")
+    p.add_argument("--fid-inception-weights", default=None, type=existing_file(),
                    help="torch-fidelity Inception weights for the standard FID "
                         "(pt_inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per metric batch (default: 8)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N; "
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=8, help="images per metric batch (default: 8)")
+    p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA if present), cpu, cuda, cuda:N; "
                                                     "under accelerate launch each process uses its own GPU")
-    p.add_argument("--dtype", default="auto", help="diffusion model dtype: auto, fp32, fp16, bf16")
+    p.add_argument("--dtype", default="auto", type=dtype_name, help="diffusion model dtype: auto, fp32, fp16, bf16")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=run)
 
@@ -83,7 +98,16 @@ def config_from_args(args: argparse.Namespace):
     from omniportrait.evaluation.sweep import parse_sweep
     from omniportrait.pipelines.loading import get_preset
 
+    from omniportrait.pipelines.loading import check_base, check_pivot_encoder
+
     get_preset(args.preset)
+    if args.first_seed + args.seeds - 1 > SEED_MAX:
+        raise ConfigError(f"--first-seed {args.first_seed} with --seeds {args.seeds} runs past the largest seed "
+                          f"{SEED_MAX}")
+    if args.base is not None:
+        check_base(args.base)
+    if args.pivot_encoder is not None:
+        check_pivot_encoder(args.pivot_encoder)
     categories = [c.strip().lower() for c in args.categories.split(",") if c.strip()] if args.categories else None
     generation = GenerationConfig(
         preset=args.preset, base=args.base, arch=args.arch, pivot_encoder=args.pivot_encoder,

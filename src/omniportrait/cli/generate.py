@@ -9,12 +9,37 @@ import sys
 import time
 from pathlib import Path
 
+from omniportrait.cli.args import (
+    choice_of,
+    device_name,
+    dtype_name,
+    existing_file,
+    existing_folder,
+    number,
+    output_file,
+    output_folder,
+    text,
+)
 from omniportrait.errors import ClassWordError, ConfigError, OutOfMemoryError
 from omniportrait.files import write_json_atomic
 from omniportrait.guidance.config import FEATURE_PASSES, RECOMPUTES, RBGuidanceConfig
 from omniportrait.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
+from omniportrait.pipelines.schedulers import SCHEDULERS
 from omniportrait.text import find_person_nouns
+from omniportrait.values import FACE_INDEX, GUIDANCE_SCALE, IMAGE_SIDE, SEED, SEED_MAX, STEPS, Range
+
+NUM_IMAGES = Range(1, 64, integer=True)
+# Reference-Based Guidance (docs/guidance.md): the values the equations are defined for
+RB_STRENGTH = Range(0, 1000, note="0 turns the guidance's pull off")
+RB_START = Range(0, 1)
+REF_TIMESTEP = Range(0, 999, integer=True)
+DIFT_ENSEMBLE = Range(1, 64, integer=True)
+DIFT_BLOCK = Range(0, 3, integer=True)
+MASK_ITERATIONS = Range(0, 100, integer=True)
+MASK_POWER = Range(0, 100, low_open=True)
+MASK_THRESHOLD = Range(0, 1)
+RB_INTERVAL = Range(1, 1000, integer=True)
 
 # Flags that change what a generation costs, not the image it draws (up to rounding); evaluate takes them too.
 COST_FLAGS = {
@@ -38,29 +63,37 @@ def add_parser(subparsers) -> None:
         "generate", help="draw a person from a reference photo in the scene a prompt describes",
         description="Draw the person of a reference photo in the scene a prompt describes.",
     )
-    p.add_argument("--prompt", required=True, help='e.g. "a woman riding a bicycle, with sweat on face"')
-    p.add_argument("--reference", action="append", default=[], metavar="PHOTO",
+    p.add_argument("--prompt", required=True, type=text("prompt"),
+                   help='e.g. "a woman riding a bicycle, with sweat on face"')
+    p.add_argument("--reference", action="append", default=[], metavar="PHOTO", type=existing_file(),
                    help="reference photo; binds to the prompt's person words in order (repeatable)")
-    p.add_argument("--identity", action="append", default=[], metavar="PHOTO:WORD[:N]",
+    p.add_argument("--identity", action="append", default=[], metavar="PHOTO:WORD[:N]", type=identity_flag,
                    help="reference photo bound to a class word (its N-th occurrence, 1-based); repeatable")
-    p.add_argument("--class-word", default=None, help="class word for a single --reference (default: detected)")
-    p.add_argument("--face-index", type=int, default=None,
+    p.add_argument("--class-word", default=None, type=text("class word"),
+                   help="class word for a single --reference (default: detected)")
+    p.add_argument("--face-index", type=number(FACE_INDEX), default=None,
                    help="which face of the reference to use when it has several (0 = largest)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--out", required=True, help="output PNG path; with --num-images N, files are NAME-0.png ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (paper: 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance w (paper: 7.5)")
-    p.add_argument("--width", type=int, default=None, help="default: the preset's size")
-    p.add_argument("--height", type=int, default=None, help="default: the preset's size")
-    p.add_argument("--preset", default="sd15", help=f"one of {', '.join(PRESETS)} (default: sd15)")
-    p.add_argument("--base", default=None, help="hub id, diffusers folder or .safetensors file (overrides preset)")
+    p.add_argument("--out", required=True, type=output_file(".png"),
+                   help="output PNG path; with --num-images N, files are NAME-0.png ...")
+    p.add_argument("--seed", type=number(SEED), default=0, help=f"0 … 2^64 − 1 (default: 0)")
+    p.add_argument("--steps", type=number(STEPS), default=50, help="sampling steps (paper: 50)")
+    p.add_argument("--guidance-scale", type=number(GUIDANCE_SCALE), default=7.5,
+                   help="classifier-free guidance w (paper: 7.5); <= 1 turns it off, as in diffusers")
+    p.add_argument("--width", type=number(IMAGE_SIDE), default=None, help="default: the preset's size")
+    p.add_argument("--height", type=number(IMAGE_SIDE), default=None, help="default: the preset's size")
+    p.add_argument("--preset", default="sd15", type=choice_of(PRESETS, "preset"),
+                   help=f"one of {', '.join(PRESETS)} (default: sd15)")
+    p.add_argument("--base", default=None, type=text("base model"),
+                   help="hub id, diffusers folder or .safetensors file (overrides preset)")
     p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
-    p.add_argument("--pivot-encoder", default=None, help="folder of a trained PivotIDEncoder (save_pretrained)")
-    p.add_argument("--scheduler", default="ddim", help="ddim (paper), dpmpp-2m, euler, euler-a, pndm, unipc")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--pivot-encoder", default=None, type=existing_folder(),
+                   help="folder of a trained PivotIDEncoder (save_pretrained)")
+    p.add_argument("--scheduler", default="ddim", type=choice_of(SCHEDULERS, "scheduler"),
+                   help="ddim (paper), dpmpp-2m, euler, euler-a, pndm, unipc")
+    p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", type=dtype_name, help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
+    p.add_argument("--num-images", type=number(NUM_IMAGES), default=1)
     p.add_argument("--banded-decode", **COST_FLAGS["--banded-decode"])
     add_guidance_arguments(p)
     p.set_defaults(run=run)
@@ -71,25 +104,25 @@ def add_guidance_arguments(p) -> None:
     d = RBGuidanceConfig()
     g = p.add_argument_group("Reference-Based Guidance (paper §3.3)")
     g.add_argument("--no-rb", action="store_true", help="turn RB-Guidance off (Pivot ID Encoder only)")
-    g.add_argument("--rb-strength", type=float, default=d.strength, help="p of E = p/(1+S), eq. 10")
-    g.add_argument("--rb-start", type=float, default=d.start, help="u: guide steps with t <= u*T, eq. 11")
-    g.add_argument("--ref-timestep", type=int, default=d.ref_timestep, help="t0 of the reference features")
-    g.add_argument("--dift-ensemble", type=int, default=d.dift_ensemble, help="K noises for reference features")
-    g.add_argument("--dift-block", type=int, default=None, help="UNet up_blocks index (default SD1.5 1, SDXL 0)")
+    g.add_argument("--rb-strength", type=number(RB_STRENGTH), default=d.strength, help="p of E = p/(1+S), eq. 10")
+    g.add_argument("--rb-start", type=number(RB_START), default=d.start, help="u: guide steps with t <= u*T, eq. 11")
+    g.add_argument("--ref-timestep", type=number(REF_TIMESTEP), default=d.ref_timestep, help="t0 of the reference features")
+    g.add_argument("--dift-ensemble", type=number(DIFT_ENSEMBLE), default=d.dift_ensemble, help="K noises for reference features")
+    g.add_argument("--dift-block", type=number(DIFT_BLOCK), default=None, help="UNet up_blocks index (default SD1.5 1, SDXL 0)")
     g.add_argument("--rb-reduction", choices=("sum", "mean"), default=d.reduction, help="S as sum (eq. 8) or mean")
-    g.add_argument("--mask-iterations", type=int, default=d.mask_iterations, help="gamma of eq. 6")
-    g.add_argument("--mask-power", type=float, default=d.mask_power, help="alpha of eq. 6")
-    g.add_argument("--mask-threshold", type=float, default=d.mask_threshold, help="beta of eq. 6")
+    g.add_argument("--mask-iterations", type=number(MASK_ITERATIONS), default=d.mask_iterations, help="gamma of eq. 6")
+    g.add_argument("--mask-power", type=number(MASK_POWER), default=d.mask_power, help="alpha of eq. 6")
+    g.add_argument("--mask-threshold", type=number(MASK_THRESHOLD), default=d.mask_threshold, help="beta of eq. 6")
     g.add_argument("--no-background-mask", action="store_true", help="do not mask the gradient by M_gen (eq. 9)")
     g.add_argument("--rb-feature-pass", choices=FEATURE_PASSES, default=d.feature_pass,
                    help="cfg: features from the batched CFG pass with grad; split: CFG as an unconditional pass "
                         "and a conditional one with grad (half the backward memory); separate: CFG pass without "
                         "grad plus a partial conditional pass")
     g.add_argument("--rb-recompute", **COST_FLAGS["--rb-recompute"])
-    g.add_argument("--rb-interval", type=int, default=d.gradient_interval, metavar="N",
+    g.add_argument("--rb-interval", type=number(RB_INTERVAL), default=d.gradient_interval, metavar="N",
                    help="recompute the guidance gradient every N-th guided step, reuse it in between (paper: 1)")
     g.add_argument("--rb-cuda-graph", **COST_FLAGS["--rb-cuda-graph"])
-    g.add_argument("--save-masks", default=None, metavar="DIR", help="write M_gen, M_ref and matches as PNGs")
+    g.add_argument("--save-masks", default=None, type=output_folder(), metavar="DIR", help="write M_gen, M_ref and matches as PNGs")
 
 
 def guidance_config(args) -> RBGuidanceConfig:
@@ -103,17 +136,41 @@ def guidance_config(args) -> RBGuidanceConfig:
 
 
 def parse_identity_flag(value: str) -> tuple[str, str, int | None]:
-    """``PHOTO:WORD[:N]`` -> (photo, word, N). Split from the right so paths may contain ':'."""
-    parts = value.rsplit(":", 2)
+    """``PHOTO:WORD[:N]`` -> (photo, word, N), read from the right so a path may contain ':'.
+
+    The last part is N when it is a number; otherwise it is the word, unless the part before it is a person
+    noun and the last is not: then the last was meant as N and is refused (``alice.jpg:woman:x``).
+    """
+    from omniportrait.text import lemma_of
+
+    example = "e.g. alice.jpg:woman or alice.jpg:woman:2"
+    head, _, last = value.rpartition(":")
     occurrence = None
-    if len(parts) == 3 and parts[2].isdigit():
-        occurrence = int(parts[2])
-        parts = parts[:2]
-    elif len(parts) == 3:
-        parts = [parts[0] + ":" + parts[1], parts[2]]
-    if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise ConfigError(f"--identity {value!r} must look like PHOTO:WORD or PHOTO:WORD:N, e.g. alice.jpg:woman")
-    return parts[0], parts[1], occurrence
+    if last.strip().lstrip("+-").isdigit():
+        occurrence = int(last)
+        if occurrence < 1:
+            raise ConfigError(f"--identity {value!r}: N counts occurrences from 1, got {occurrence}")
+        head, _, last = head.rpartition(":")
+    elif lemma_of(last) is None and ":" in head and lemma_of(head.rpartition(":")[2]) is not None:
+        raise ConfigError(f"--identity {value!r}: N must be a whole number >= 1, got {last!r} ({example})")
+    photo, word = head, last
+    if not photo or not word.strip():
+        raise ConfigError(f"--identity {value!r} must look like PHOTO:WORD or PHOTO:WORD:N ({example})")
+    return photo, word, occurrence
+
+
+def identity_flag(value: str) -> str:
+    """argparse type of ``--identity``: well formed and naming an existing photo; kept as given."""
+    from omniportrait.files import check_input_file
+
+    try:
+        check_input_file(parse_identity_flag(value)[0])
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+identity_flag.kind = "identity"
 
 
 def identities_from_args(args) -> list[Identity]:
@@ -150,14 +207,14 @@ def prepare_identities(identities: list[Identity]) -> list[Identity]:
 
 
 def output_paths(out: str, count: int) -> list[Path]:
-    path = Path(out).expanduser()
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"--out {out!r} must end in .png")
-    if path.is_dir():
-        raise ConfigError(f"--out {out!r} is a folder; give a file name ending in .png")
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{index}{path.suffix}") for index in range(count)]
+    """The PNG files a run writes (``NAME-i.png`` for several images), each checked to be creatable."""
+    from omniportrait.files import check_output_file
+
+    path = check_output_file(out, ".png")
+    paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+    for each in paths:
+        check_output_file(each, ".png")
+    return paths
 
 
 def file_sha256(path: str) -> str | None:
@@ -179,13 +236,25 @@ def package_versions() -> dict:
             "platform": platform.platform()}
 
 
-def similarities(identities: list[Identity], image) -> list[float | None]:
-    """SIM (cosine of face embeddings, ``omniportrait[eval]``) of ``image`` to each reference, or ``None``s."""
+NO_SIM_BACKEND = "no SIM backend installed (pip install 'omniportrait[eval]')"
+NO_FACE_IN_OUTPUT = "the SIM backend finds no face in the output"
+NO_FACE_IN_REFERENCE = "the SIM backend finds no face in the reference"
+
+
+def similarities(identities: list[Identity], image) -> list[tuple[float | None, str]]:
+    """SIM (cosine of face embeddings, ``omniportrait[eval]``) of ``image`` to each reference, each with why it
+    is missing when it is: no backend, or no face the backend finds in the output or in the reference."""
     try:
-        from omniportrait.evaluation.sim import identity_similarity
+        from omniportrait.evaluation.sim import default_face_embedder, identity_similarity
     except ImportError:
-        return [None for _ in identities]
-    return [identity_similarity(item.reference, image) for item in identities]
+        return [(None, NO_SIM_BACKEND) for _ in identities]
+    embedder = default_face_embedder()
+    if embedder is None:
+        return [(None, NO_SIM_BACKEND) for _ in identities]
+    if embedder.embed(image) is None:
+        return [(None, NO_FACE_IN_OUTPUT) for _ in identities]
+    sims = [identity_similarity(item.reference, image, embedder) for item in identities]
+    return [(sim, "" if sim is not None else NO_FACE_IN_REFERENCE) for sim in sims]
 
 
 def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], seed: int, index: int,
@@ -207,8 +276,8 @@ def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], see
              "class_word": item.class_word, "occurrence": item.occurrence,
              "face_index": item.reference.face_index, "face_box": [round(v, 2) for v in item.reference.face.box],
              "face_score": round(float(item.reference.face.score), 4),
-             "sim": None if sim is None else round(sim, 4)}
-            for item, source, sim in zip(identities, sources, sims)
+             "sim": None if sim is None else round(sim, 4), **({"sim_missing": why} if sim is None else {})}
+            for item, source, (sim, why) in zip(identities, sources, sims)
         ],
         "reproduce": reproduce_command(args, seed),
         "versions": package_versions(),
@@ -279,6 +348,56 @@ def record_what_ran(args, output) -> None:
         args.rb_feature_pass = output.guidance.config.feature_pass
 
 
+def check_before_loading(args) -> list[Path]:
+    """Everything that can be refused without a model: seeds, output files, model files, memory for the size.
+    Returns the output paths."""
+    from omniportrait.memory import check_fits
+    from omniportrait.pipelines.loading import check_base, check_pivot_encoder, get_preset, resolve_device, \
+        resolve_dtype
+
+    preset = get_preset(args.preset)
+    if args.seed + args.num_images - 1 > SEED_MAX:
+        raise ConfigError(f"--seed {args.seed} with --num-images {args.num_images} runs past the largest seed "
+                          f"{SEED_MAX}; use --seed {SEED_MAX - args.num_images + 1} or less")
+    paths = output_paths(args.out, args.num_images)
+    if args.base is not None:
+        check_base(args.base)
+    if args.pivot_encoder is not None:
+        check_pivot_encoder(args.pivot_encoder)
+    device = resolve_device(args.device)
+    arch = "tiny" if preset.base is None and args.base is None else (args.arch or preset.arch)
+    check_fits(arch, args.width or preset.size, args.height or preset.size, args.num_images, device,
+               resolve_dtype(args.dtype, device), args.banded_decode)
+    return paths
+
+
+def report_faces(identities: list[Identity], sources: list[Identity]) -> None:
+    """One notice per photo with several faces: which one is used and how to pick another."""
+    for item, source in zip(identities, sources):
+        count = len(item.reference.faces)
+        if count > 1 and source.face_index is None:
+            box = ", ".join(f"{v:.0f}" for v in item.reference.face.box)
+            print(f"omniportrait: notice: {source.reference} shows {count} faces; using the largest (face 0, box "
+                  f"{box}); pick another with --face-index 1 … {count - 1}", file=sys.stderr)
+
+
+def warn_cut_prompts(args, pipe) -> None:
+    """One warning per prompt that the text encoder will cut, naming the words it drops."""
+    from omniportrait.text import cut_by_tokenizer
+
+    for flag, prompt in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        dropped = cut_by_tokenizer(pipe.tokenizer, prompt) if prompt else None
+        if dropped:
+            print(f"omniportrait: warning: {flag} is longer than the text encoder's "
+                  f"{pipe.tokenizer.model_max_length} tokens; this is cut and not used: {dropped!r}",
+                  file=sys.stderr)
+
+
+def sim_line(item: Identity, sim: float | None, why: str) -> str:
+    shown = f"{sim:.3f}" if sim is not None else f"n/a ({why})"
+    return f"  SIM to {item.class_word!r} reference: {shown}"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -286,14 +405,14 @@ def run(args: argparse.Namespace) -> int:
     from omniportrait.pipelines.loading import get_preset, load_pipeline
 
     preset = get_preset(args.preset)
-    if args.num_images < 1 or args.steps < 1:
-        raise ConfigError("--num-images and --steps must be at least 1")
-    paths = output_paths(args.out, args.num_images)
+    paths = check_before_loading(args)
     sources = identities_from_args(args)
     identities = prepare_identities(sources)
+    report_faces(identities, sources)
     rb_config = guidance_config(args)
     pipe = load_pipeline(args.preset, args.base, args.arch, args.pivot_encoder, args.device, args.dtype,
                          args.scheduler)
+    warn_cut_prompts(args, pipe)
     pipe.banded_decode = args.banded_decode  # None: the pipeline's default
     args.width = args.width or preset.size
     args.height = args.height or preset.size
@@ -315,10 +434,8 @@ def run(args: argparse.Namespace) -> int:
         write_json_atomic(path.with_suffix(".json"),
                           sidecar(args, pipe, identities, sources, seed, index, elapsed, sims))
         print(f"wrote {path} ({image.width}x{image.height}) and {path.with_suffix('.json').name}", file=sys.stderr)
-        for item, sim in zip(identities, sims):
-            missing = "n/a (no face in the output, or no SIM backend: omniportrait[eval])"
-            shown = missing if sim is None else f"{sim:.3f}"
-            print(f"  SIM to {item.class_word!r} reference: {shown}", file=sys.stderr)
+        for item, (sim, why) in zip(identities, sims):
+            print(sim_line(item, sim, why), file=sys.stderr)
     if args.save_masks and output.guidance is not None:
         from omniportrait.guidance.visualize import save_guidance_pictures
 

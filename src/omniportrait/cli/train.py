@@ -7,26 +7,45 @@ process as is; on several GPUs or nodes, under ``accelerate launch`` (``docs/tra
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import types
 import typing
 from dataclasses import MISSING, fields
 
+from omniportrait.cli.args import checked, choice_of, number, text
+from omniportrait.files import check_input_file, check_input_folder, check_output_folder
 from omniportrait.training.config import TrainConfig
 
+PATH_KINDS = {check_input_file: "file", check_input_folder: "folder", check_output_folder: "output folder"}
+"""What a path flag takes, by its check (the kind of an argparse type, see omniportrait.cli.args)."""
 EXAMPLE = "omniportrait train --data records/ --preset sd15 --output runs/pie --max-steps 80000 [--resume]"
 
 
+@functools.lru_cache(maxsize=1)
+def config_types() -> dict:
+    """The resolved annotations of :class:`TrainConfig` (resolving them is slow; the parser needs them once)."""
+    return typing.get_type_hints(TrainConfig)
+
+
 def argument_kwargs(name: str) -> dict:
-    """``add_argument`` keywords for the :class:`TrainConfig` field ``name`` from its annotation."""
-    kind = typing.get_type_hints(TrainConfig)[name]
+    """``add_argument`` keywords for the :class:`TrainConfig` field ``name`` from its annotation and the values
+    its metadata accepts (``range``, ``choices``, ``check``), so a bad value is refused while parsing."""
+    kind = config_types()[name]
+    meta = TrainConfig.__dataclass_fields__[name].metadata
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
     if typing.get_origin(kind) is tuple:
-        return {"nargs": "+", "type": str}
-    return {"type": kind}
+        return {"nargs": "+", "type": text("prompt")}
+    if "range" in meta:
+        return {"type": number(meta["range"])}
+    if "choices" in meta:
+        return {"type": choice_of(meta["choices"], name.replace("_", " "))}
+    if "check" in meta:
+        return {"type": checked(meta["check"], PATH_KINDS.get(meta["check"], name.replace("_", " ")))}
+    return {"type": text(name.replace("_", " "))}
 
 
 def add_parser(subparsers) -> None:

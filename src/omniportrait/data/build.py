@@ -31,7 +31,9 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import socket
+import uuid
 import time
 import warnings
 from collections import Counter
@@ -104,6 +106,8 @@ INPUT_FORMATS = ("auto", "folder", "webdataset", "urls")
 OUTPUT_FORMATS = ("webdataset", "folder")
 SHARDS_DIR = "shards"
 STATS_DIR = "stats"
+RUN_FILE = ".run"
+"""Names the build run that owns the output folder now; a worker of an earlier run publishes nothing."""
 DOWNLOAD_DIR = "download"
 BUILD_FORMAT_VERSION = 1
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -177,6 +181,9 @@ class ShardTask:
     index: int
     first: int
     refs: tuple[InputRef, ...]
+    run_id: str = ""
+    """The build run this task belongs to; it publishes only while the output folder's run file names it
+    (empty: no check)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,19 @@ class Rejection:
 
     reason: str
     detail: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "detail", readable_detail(self.detail))
+
+
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def readable_detail(text: str) -> str:
+    """``text`` without Python object addresses (PIL names the in-memory file it could not read as
+    ``<_io.BytesIO object at 0x7f…>``): stats and reports stay the same from run to run and mean something."""
+    return _OBJECT_REPR.sub(lambda match: "the input's bytes" if match.group(1).endswith("BytesIO")
+                            else f"a {match.group(1).rpartition('.')[2]}", text)
 
 
 def shard_name(index: int) -> str:
@@ -222,7 +242,8 @@ def build_dataset(config: BuildConfig) -> BuildResult:
     _check_captions_available(refs, config)
     digest = plan_digest(refs)
     _write_build_file(output, config, kind, refs, digest, previous)
-    tasks = shard_tasks(refs, config)
+    run_id = _claim_output(output)
+    tasks = [dataclasses.replace(task, run_id=run_id) for task in shard_tasks(refs, config)]
     pending = [task for task in tasks if not _shard_finished(output, task.index, config.output_format)]
     for folder in (output / SHARDS_DIR, output / STATS_DIR):
         remove_stale_temporaries(folder)
@@ -364,6 +385,27 @@ def shard_tasks(refs: list[InputRef], config: BuildConfig) -> list[ShardTask]:
             for index, start in enumerate(range(0, len(refs), size))]
 
 
+def _claim_output(output: Path) -> str:
+    """Make this run the owner of ``output``: a fresh run id in its run file, which workers check before they
+    publish, so a worker left over from a killed run cannot write into the folder this run builds."""
+    run_id = uuid.uuid4().hex
+    write_json_atomic(output / RUN_FILE, {"run": run_id, "pid": os.getpid(), "host": socket.gethostname()})
+    return run_id
+
+
+def _check_still_owner(output: Path, task: ShardTask) -> None:
+    """``DatasetBuildError`` when another run took over ``output`` since ``task`` was handed out."""
+    if not task.run_id:
+        return
+    try:
+        owner = json.loads((output / RUN_FILE).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner != task.run_id:
+        raise DatasetBuildError(f"{output} is now built by another run; shard {task.index} of this one is "
+                                "not published")
+
+
 def _shard_path(output: Path, index: int, output_format: str) -> Path:
     suffix = ".tar" if output_format == "webdataset" else ""
     return output / SHARDS_DIR / f"{shard_name(index)}{suffix}"
@@ -418,6 +460,7 @@ def process_shard(task: ShardTask) -> dict:
             writer.add(key, record_to_sample(record, source_bytes))
             rows.append(index_row(record, shard_path.name))
             counts[KEPT] += 1
+        _check_still_owner(output, task)
         writer.commit()
     except BaseException:
         writer.abort()
@@ -433,6 +476,7 @@ def process_shard(task: ShardTask) -> dict:
         "cpu_seconds": round(time.process_time() - started_cpu, 4),
         "worker": f"{socket.gethostname()}:{os.getpid()}",
     }
+    _check_still_owner(output, task)
     write_json_atomic(_stats_path(output, task.index), stats, indent=1, sort_keys=True)
     return stats
 
@@ -561,11 +605,17 @@ def _run_tasks(tasks: list[ShardTask], config: BuildConfig, *, already_done: int
             _run_in_pool(tasks, config.workers, on_done)
 
 
-def _run_in_pool(tasks: list[ShardTask], workers: int, on_done: Callable[[dict], None]) -> None:
-    """A local pool of ``workers`` spawned processes (MediaPipe and torch are not fork-safe)."""
+def _run_in_pool(tasks: list, workers: int, on_done: Callable[[dict], None], build=None) -> None:
+    """A local pool of ``workers`` spawned processes (MediaPipe and torch are not fork-safe) running
+    ``build(task)`` (default :func:`process_shard`); each worker dies with this process
+    (:func:`~omniportrait.processes.die_with_parent`)."""
+    from omniportrait.processes import die_with_parent
+
+    build = build or process_shard
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
-        futures = [pool.submit(process_shard, task) for task in tasks]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context,
+                                                initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        futures = [pool.submit(build, task) for task in tasks]
         try:
             for future in concurrent.futures.as_completed(futures):
                 on_done(future.result())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -105,7 +106,10 @@ def parse_sweep(spec: str | None) -> Sweep | None:
         raise ConfigError(f"--sweep {spec!r} must look like NAME=V1,V2,..., e.g. guidance-scale=3,7.5")
     if len(set(texts)) != len(texts):
         raise ConfigError(f"--sweep {spec!r} repeats a value; give each value once")
-    return Sweep(normalised, texts, tuple(parse_literal(text) for text in texts))
+    values = tuple(parse_literal(text) for text in texts)
+    if any(isinstance(value, float) and not math.isfinite(value) for value in values):
+        raise ConfigError(f"--sweep {spec!r} holds a value that is not a finite number")
+    return Sweep(normalised, texts, values)
 
 
 def dataclass_keywords(call: Callable) -> dict[str, type]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,24 +102,55 @@ def _no_safety_checker(arch: str) -> dict:
 
 
 def load_base(base: str, arch: str | None, dtype: torch.dtype):
-    """A diffusers pipeline (SD or SDXL) from a hub id, a local diffusers folder or a single file."""
+    """A diffusers pipeline (SD or SDXL) from a hub id, a local diffusers folder or a single file; local files
+    are checked first (:func:`check_base`), so a wrong or damaged file is one line, not a library traceback."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     diffusers_classes = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+    kind = check_base(base)
+    path = Path(base).expanduser()
+    if kind == "single-file":
+        arch = arch or sniff_single_file_arch(path)
+        with _as_config_error(base):
+            return arch, diffusers_classes[arch].from_single_file(str(path), torch_dtype=dtype)
+    if kind == "folder":
+        arch = arch or folder_arch(path)
+        with _as_config_error(base):
+            return arch, diffusers_classes[arch].from_pretrained(str(path), torch_dtype=dtype,
+                                                                 **_no_safety_checker(arch))
+    return _load_from_hub(base, arch, dtype, diffusers_classes)
+
+
+def check_base(base: str) -> str:
+    """What ``base`` names: ``single-file``, ``folder`` (each checked by :mod:`omniportrait.checks`) or ``hub``.
+    ``ConfigError`` for a missing path or a file that is not a Stable Diffusion checkpoint."""
+    from omniportrait.checks import check_diffusers_folder, check_single_file_checkpoint
+
     path = Path(base).expanduser()
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise ConfigError(f"checkpoint file {base} does not exist")
-        arch = arch or sniff_single_file_arch(path)
-        return arch, diffusers_classes[arch].from_single_file(str(path), torch_dtype=dtype)
+        check_single_file_checkpoint(path)
+        return "single-file"
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ConfigError(f"{base} is not a diffusers folder (no model_index.json) nor a .safetensors file")
-        arch = arch or folder_arch(path)
-        return arch, diffusers_classes[arch].from_pretrained(str(path), torch_dtype=dtype, **_no_safety_checker(arch))
+        check_diffusers_folder(path)
+        return "folder"
     if os.path.sep in base and not base.count("/") == 1:
         raise ConfigError(f"checkpoint path {base} does not exist")
-    return _load_from_hub(base, arch, dtype, diffusers_classes)
+    return "hub"
+
+
+@contextmanager
+def _as_config_error(source: str):
+    """Library failures reading a checked local checkpoint (tensors of unexpected shapes, say) as one line."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ConfigError(f"{source} could not be loaded as a Stable Diffusion 1.5/XL model ({reason}); "
+                          "pass --arch if it is the other architecture, or check the file") from None
 
 
 def _load_from_hub(repo_id: str, arch: str | None, dtype, diffusers_classes):
@@ -137,19 +169,36 @@ def _load_from_hub(repo_id: str, arch: str | None, dtype, diffusers_classes):
         ) from err
 
 
+def check_pivot_encoder(path: str):
+    """The trained PIE folder ``path``, checked without loading it: its config builds a ``PivotIDEncoder`` and its
+    weights file holds exactly that model's tensors, complete. Returns the checked folder."""
+    from omniportrait.checks import check_model_folder, check_state_matches
+    from omniportrait.models.pivot_encoder import PivotIDEncoder
+
+    what = "pivot encoder"
+    checked = check_model_folder(path, what, class_name=PivotIDEncoder.__name__, required_config=("text_width",))
+    try:
+        with torch.device("meta"):
+            skeleton = PivotIDEncoder.from_config(checked.config)
+    except Exception as err:  # noqa: BLE001 - whatever the config's values break, it is the config's fault
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        raise ConfigError(f"{what} config {checked.path / 'config.json'} does not describe a PivotIDEncoder "
+                          f"({reason})") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    check_state_matches(checked.tensors, expected, checked.weights, f"{what} weights")
+    return checked
+
+
 def load_pivot_encoder(path: str, text_width: int):
     from omniportrait.models.pivot_encoder import PivotIDEncoder
 
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"pivot encoder {path} not found: expected a folder written by save_pretrained")
-    encoder = PivotIDEncoder.from_pretrained(str(folder))
-    if encoder.config.text_width != text_width:
+    checked = check_pivot_encoder(path)
+    if checked.config["text_width"] != text_width:
         raise ConfigError(
-            f"pivot encoder {path} fuses {encoder.config.text_width}-wide text states but this model's are "
+            f"pivot encoder {path} fuses {checked.config['text_width']}-wide text states but this model's are "
             f"{text_width} wide; use an encoder trained for this architecture"
         )
-    return encoder
+    return PivotIDEncoder.from_pretrained(str(checked.path))
 
 
 def text_width(pipe) -> int:

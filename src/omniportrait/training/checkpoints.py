@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,6 +120,109 @@ def load_checkpoint(accelerator, folder: Path) -> tuple[TrainState, dict]:
     data = read_state(folder)
     accelerator.load_state(str(folder))
     return TrainState(step=int(data["step"]), position=int(data["position"])), data
+
+
+RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
+"""What ``accelerator.save_state`` puts in each ``random_states_N.pkl``."""
+
+
+@dataclass(frozen=True)
+class CheckpointHealth:
+    """What :func:`inspect_checkpoint` found: ``damage`` makes the checkpoint unusable; ``rng_damage`` only
+    means the random states cannot be restored (resuming goes on, with a warning)."""
+
+    folder: Path
+    damage: str | None = None
+    rng_damage: str | None = None
+
+
+def _load_state_file(path: Path):
+    """A state file of ``accelerator.save_state`` loaded as accelerate loads it: ``weights_only`` (tensors,
+    containers and numpy arrays only)."""
+    from accelerate.utils import load
+
+    return load(str(path), map_location="cpu")
+
+
+def _file_damage(path: Path) -> str | None:
+    """Why the state file ``path`` cannot be used, or ``None``."""
+    from omniportrait.checks import read_safetensors_header
+
+    try:
+        if path.suffix == ".safetensors":
+            read_safetensors_header(path, "checkpoint weights")
+        else:
+            _load_state_file(path)
+    except ConfigError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - whatever breaks the load, the file is damaged
+        return f"{path.name} does not load ({' '.join(str(err).split())[:120] or type(err).__name__})"
+    return None
+
+
+def _rng_damage(folder: Path, world_size: int) -> str | None:
+    for rank in range(world_size):
+        path = folder / f"random_states_{rank}.pkl"
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            states = _load_state_file(path)
+        except Exception as err:  # noqa: BLE001
+            return f"{path} does not load ({' '.join(str(err).split())[:120] or type(err).__name__})"
+        if not isinstance(states, dict) or any(key not in states for key in RNG_KEYS):
+            return f"{path} holds no random states of accelerate"
+    return None
+
+
+def inspect_checkpoint(folder: Path) -> CheckpointHealth:
+    """Check a complete-looking checkpoint without restoring it: its state file, the exported PIE, the model
+    weights (safetensors headers and sizes), optimizer and scheduler (``weights_only``) and RNG states."""
+    from omniportrait.checks import check_model_folder
+
+    try:
+        data = read_state(folder)
+        int(data["step"]), int(data["position"])
+        check_model_folder(folder / PIVOT_FOLDER, "checkpoint pivot encoder")
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        return CheckpointHealth(folder, damage=str(err) or f"{STATE_FILE} lacks {err}")
+    needed = {"model*.safetensors": "model weights", "optimizer*.bin": "optimizer state",
+              "scheduler*.bin": "learning-rate scheduler state"}
+    for pattern, what in needed.items():
+        files = sorted(folder.glob(pattern))
+        if not files:
+            return CheckpointHealth(folder, damage=f"{folder} has no {what} ({pattern})")
+        for file in files:
+            damage = _file_damage(file)
+            if damage:
+                return CheckpointHealth(folder, damage=damage)
+    return CheckpointHealth(folder, rng_damage=_rng_damage(folder, int(data.get("world_size", 1))))
+
+
+def resumable_checkpoint(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint of ``run_dir`` (``None`` when there is none at all).
+
+    A damaged newer one is passed over with one warning naming it and the one used; damaged RNG states are a
+    warning too (the run resumes without them). ``ConfigError`` when every checkpoint is damaged.
+    """
+    found = complete_checkpoints(run_dir)
+    if not found:
+        return None
+    newest = inspect_checkpoint(found[-1][1])
+    health = newest
+    for _, folder in reversed(found[:-1]):
+        if health.damage is None:
+            break
+        health = inspect_checkpoint(folder)
+    if health.damage is not None:
+        raise ConfigError(f"no intact checkpoint in {checkpoint_root(run_dir)}: the newest, {newest.folder}, is "
+                          f"damaged ({newest.damage}); delete the damaged ones or start a new --output")
+    if health is not newest:
+        warnings.warn(f"checkpoint {newest.folder} is damaged ({newest.damage}); resuming from {health.folder}, "
+                      "the newest intact one", stacklevel=2)
+    if health.rng_damage:
+        warnings.warn(f"the random states of checkpoint {health.folder} are damaged ({health.rng_damage}); resuming "
+                      "without them, so noise and dropout will not repeat an uninterrupted run", stacklevel=2)
+    return health.folder
 
 
 def export_pivot_encoder(pivot_encoder, destination: Path) -> Path:

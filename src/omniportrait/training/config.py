@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from omniportrait.errors import ConfigError
+from omniportrait.files import check_input_file, check_input_folder, check_output_folder
+from omniportrait.values import SEED, STEPS, Range
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -22,12 +24,17 @@ DEFAULT_SAMPLE_PROMPTS = (
     "a {word} on the beach at sunset",
     "a {word} in the snow wearing a red hat",
 )
+PRESET_NAMES = ("tiny-sd15", "tiny-sdxl", "sd15", "sdxl")  # omniportrait.pipelines.loading.PRESETS, without torch
+MANY = 10**9
+"""Upper bound of step counts: far beyond any run, low enough to refuse a typo of many digits."""
 # The paper's image tower: OpenCLIP ViT-L/14 trained on LAION-2B, in transformers format.
 PAPER_VISION_MODEL = "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
 
 
 def _flag(default, help: str, **extra):
-    """A dataclass field carrying the CLI help text."""
+    """A dataclass field carrying the CLI help text and, as ``range`` (a :class:`~omniportrait.values.Range`),
+    ``choices`` or ``check`` (a function raising ``ConfigError``), the values it accepts: the CLI refuses
+    others while parsing, :meth:`TrainConfig.validate` refuses them from the Python API."""
     if isinstance(default, (list, tuple, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -41,52 +48,68 @@ class TrainConfig:
     """
 
     data: str = field(metadata={"help": "folder of records (NAME.jpg + NAME.json + NAME.mask.png) or "
-                                        "webdataset shards (a .tar, a brace pattern or a folder of .tar)"})
-    output: str = field(metadata={"help": "run folder: checkpoints/, pivot_encoder/, logs/, samples/"})
+                                        "webdataset shards (a .tar, a brace pattern or a folder of .tar)",
+                                "check": lambda value: _check_data_path(value)})
+    output: str = field(metadata={"help": "run folder: checkpoints/, pivot_encoder/, logs/, samples/",
+                                  "check": check_output_folder})
     # model
-    preset: str = _flag("sd15", "tiny-sd15, tiny-sdxl, sd15 or sdxl: architecture and default base weights")
+    preset: str = _flag("sd15", "tiny-sd15, tiny-sdxl, sd15 or sdxl: architecture and default base weights",
+                        choices=tuple(PRESET_NAMES))
     base: str | None = _flag(None, "hub id, diffusers folder or .safetensors file (overrides the preset's weights)")
-    arch: str | None = _flag(None, "sd15 or sdxl, when it cannot be read from --base")
-    pivot_encoder: str | None = _flag(None, "start from this trained PivotIDEncoder folder (save_pretrained)")
+    arch: str | None = _flag(None, "sd15 or sdxl, when it cannot be read from --base", choices=("sd15", "sdxl"))
+    pivot_encoder: str | None = _flag(None, "start from this trained PivotIDEncoder folder (save_pretrained)",
+                                      check=check_input_folder)
     vision_model: str | None = _flag(
         None, "CLIP vision weights (hub id or folder) for a fresh PIE; default: the paper's OpenCLIP "
               f"ViT-L/14 ({PAPER_VISION_MODEL}) for real presets, the tiny PIE for tiny presets")
     # objective (eq. 5)
-    eta: float = _flag(2e-3, "weight of the face localization loss, eq. 5 (paper: 2e-3)")
+    eta: float = _flag(2e-3, "weight of the face localization loss, eq. 5 (paper: 2e-3)", range=Range(0, 1000))
     loc_size: int = _flag(16, "side of the map the localization loss compares, capped at the layers' map size "
-                              "(paper: 16)")
-    cond_dropout: float = _flag(0.1, "probability of dropping text and ID condition together (paper: 0.1)")
+                              "(paper: 16)", range=Range(1, 1024, integer=True))
+    cond_dropout: float = _flag(0.1, "probability of dropping text and ID condition together (paper: 0.1)",
+                                range=Range(0, 1, high_open=True))
     # optimisation
-    learning_rate: float = _flag(2e-5, "AdamW learning rate (paper: 2e-5)")
-    adam_beta1: float = _flag(0.9, "AdamW beta1 (ours)")
-    adam_beta2: float = _flag(0.999, "AdamW beta2 (ours)")
-    adam_epsilon: float = _flag(1e-8, "AdamW epsilon (ours)")
-    weight_decay: float = _flag(1e-2, "AdamW weight decay (ours)")
-    max_grad_norm: float = _flag(1.0, "clip the gradient norm to this value; 0 turns clipping off (ours)")
-    lr_scheduler: str = _flag("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}")
-    lr_warmup_steps: int = _flag(0, "warmup steps of the learning-rate schedule")
-    max_steps: int = _flag(80_000, "optimizer steps to train (paper: 80k for SD1.5, 60k for SDXL)")
-    batch_size: int = _flag(4, "records per device and micro-batch (ours)")
-    gradient_accumulation_steps: int = _flag(1, "micro-batches per optimizer step")
-    resolution: int | None = _flag(None, "training image side; default: the preset's size (512 SD1.5, 1024 SDXL)")
-    mixed_precision: str = _flag("no", "no, fp16 or bf16: frozen models run in this dtype, the PIE in fp32")
+    learning_rate: float = _flag(2e-5, "AdamW learning rate (paper: 2e-5)", range=Range(0, 1, low_open=True))
+    adam_beta1: float = _flag(0.9, "AdamW beta1 (ours)", range=Range(0, 1, high_open=True))
+    adam_beta2: float = _flag(0.999, "AdamW beta2 (ours)", range=Range(0, 1, high_open=True))
+    adam_epsilon: float = _flag(1e-8, "AdamW epsilon (ours)", range=Range(0, 1, low_open=True))
+    weight_decay: float = _flag(1e-2, "AdamW weight decay (ours)", range=Range(0, 10))
+    max_grad_norm: float = _flag(1.0, "clip the gradient norm to this value; 0 turns clipping off (ours)",
+                                 range=Range(0, 1e6))
+    lr_scheduler: str = _flag("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}",
+                              choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _flag(0, "warmup steps of the learning-rate schedule", range=Range(0, MANY, integer=True))
+    max_steps: int = _flag(80_000, "optimizer steps to train (paper: 80k for SD1.5, 60k for SDXL)",
+                           range=Range(1, MANY, integer=True))
+    batch_size: int = _flag(4, "records per device and micro-batch (ours)", range=Range(1, 4096, integer=True))
+    gradient_accumulation_steps: int = _flag(1, "micro-batches per optimizer step",
+                                             range=Range(1, 4096, integer=True))
+    resolution: int | None = _flag(None, "training image side; default: the preset's size (512 SD1.5, 1024 SDXL)",
+                                   range=Range(8, 4096, integer=True, multiple_of=8))
+    mixed_precision: str = _flag("no", "no, fp16 or bf16: frozen models run in this dtype, the PIE in fp32",
+                                 choices=MIXED_PRECISION)
     gradient_checkpointing: bool = _flag(False, "recompute UNet and PIE activations in the backward pass")
-    seed: int = _flag(0, "seed of the data order, noise, timesteps and condition dropout")
-    num_workers: int = _flag(2, "data-loading worker processes per device")
+    seed: int = _flag(0, "seed of the data order, noise, timesteps and condition dropout", range=SEED)
+    num_workers: int = _flag(2, "data-loading worker processes per device", range=Range(0, 256, integer=True))
     # bookkeeping
-    checkpoint_every: int = _flag(1000, "write a resumable checkpoint every N steps (and at the end)")
-    checkpoints_total_limit: int | None = _flag(None, "keep only the newest N checkpoints")
+    checkpoint_every: int = _flag(1000, "write a resumable checkpoint every N steps (and at the end)",
+                                  range=Range(1, MANY, integer=True))
+    checkpoints_total_limit: int | None = _flag(None, "keep only the newest N checkpoints",
+                                                range=Range(1, MANY, integer=True))
     resume: bool = _flag(False, "continue from the newest complete checkpoint in OUTPUT/checkpoints")
-    log_every: int = _flag(10, "log the mean loss terms, learning rate and step time every N steps")
+    log_every: int = _flag(10, "log the mean loss terms, learning rate and step time every N steps",
+                           range=Range(1, MANY, integer=True))
     tensorboard: bool = _flag(True, "also log to TensorBoard when the tensorboard package is installed")
     progress: bool = _flag(True, "show a progress bar")
-    sample_every: int = _flag(1000, "draw the sample prompts every N steps (0 = never)")
+    sample_every: int = _flag(1000, "draw the sample prompts every N steps (0 = never)",
+                              range=Range(0, MANY, integer=True))
     sample_prompts: tuple[str, ...] = _flag(DEFAULT_SAMPLE_PROMPTS, "fixed prompts of the samples; {word} is "
                                                                     "replaced by the class word", nargs="+")
-    sample_reference: str | None = _flag(None, "reference photo of the samples; default: the first record's face")
+    sample_reference: str | None = _flag(None, "reference photo of the samples; default: the first record's face",
+                                         check=check_input_file)
     sample_class_word: str | None = _flag(None, "class word of the samples; default: the first record's")
-    sample_steps: int = _flag(25, "sampling steps of the samples")
-    sample_seed: int = _flag(0, "seed of the samples (the same every time, so they are comparable)")
+    sample_steps: int = _flag(25, "sampling steps of the samples", range=STEPS)
+    sample_seed: int = _flag(0, "seed of the samples (the same every time, so they are comparable)", range=SEED)
 
     def __post_init__(self) -> None:
         self.sample_prompts = tuple(self.sample_prompts)
@@ -100,28 +123,14 @@ class TrainConfig:
         from omniportrait.pipelines.loading import get_preset
 
         get_preset(self.preset)
-        _check_data_path(self.data)
-        positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every",
-                    "loc_size", "sample_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr_warmup_steps", "sample_every", "num_workers", "eta", "max_grad_norm", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ConfigError(f"--cond-dropout must be in [0, 1), got {self.cond_dropout}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
-                              f"got {self.mixed_precision!r}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ConfigError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ConfigError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ConfigError("--checkpoints-total-limit must be at least 1")
+        for item in fields(self):
+            problem = field_problem(item, getattr(self, item.name))
+            if problem:
+                raise ConfigError(f"--{item.name.replace('_', '-')} {problem}")
+        if self.pivot_encoder is not None:
+            from omniportrait.pipelines.loading import check_pivot_encoder
+
+            check_pivot_encoder(self.pivot_encoder)
         return self
 
     def to_dict(self) -> dict:
@@ -133,6 +142,23 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def field_problem(item, value) -> str | None:
+    """Why ``value`` is refused for the :class:`TrainConfig` field ``item`` (per its metadata), or ``None``."""
+    if value is None:
+        return None
+    meta = item.metadata
+    if "range" in meta:
+        return meta["range"].problem(value)
+    if "choices" in meta and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}, got {value!r}"
+    if "check" in meta:
+        try:
+            meta["check"](value)
+        except ConfigError as err:
+            return f"refused: {err}"
+    return None
 
 
 def _check_data_path(data: str) -> None:

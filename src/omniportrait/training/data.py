@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -280,8 +281,13 @@ class BatchStream(IterableDataset):
 
 
 def make_dataloader(stream: BatchStream, num_workers: int) -> torch.utils.data.DataLoader:
+    """A loader of ``stream``'s batches; its worker processes die with this process, so a killed training run
+    leaves none behind (:func:`~omniportrait.processes.die_with_parent`)."""
+    from omniportrait.processes import die_with_parent
+
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                       prefetch_factor=2 if num_workers else None)
+                                       prefetch_factor=2 if num_workers else None,
+                                       worker_init_fn=partial(die_with_parent, os.getpid()))
 
 
 def resumed_position(position: int, saved: dict, batch_size: int, world_size: int) -> int:

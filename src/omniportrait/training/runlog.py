@@ -2,13 +2,15 @@
 
 ``OUTPUT/logs/train.jsonl`` gets ``{"step", "loss", "diffusion_loss", "localization_loss", "lr",
 "step_time_s", "samples_per_s", "kept"}`` every ``log_every`` steps (means over the steps since the last
-line), plus ``{"event": "start" | "resume" | "checkpoint" | "samples" | "end", ...}`` lines. A resumed run
-appends; steps logged after the checkpoint it resumes from are logged again with the same values.
+line), plus ``{"event": "start" | "resume" | "checkpoint" | "samples" | "end", ...}`` lines. Lines reach the
+file at each checkpoint (see :class:`RunLog`), so a resumed run appends exactly after the checkpoint it
+resumes from.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,50 +50,68 @@ class LossWindow:
 
 @dataclass
 class RunLog:
-    """Writes the log of the main process; other processes get a disabled instance."""
+    """Writes the log of the main process; other processes get a disabled instance.
+
+    Lines and TensorBoard values are held back until :meth:`flush`, which the trainer calls right after each
+    checkpoint and at the end: the log on disk then always ends at a checkpoint, a run that fails before its
+    first checkpoint leaves no log at all, and a resumed run does not log the same steps twice.
+    """
 
     folder: Path
     enabled: bool = True
     tensorboard: bool = True
     history: list[dict] = field(default_factory=list)
     _writer: object | None = None
-
-    def __post_init__(self) -> None:
-        if not self.enabled:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self.tensorboard:
-            self._writer = tensorboard_writer(self.folder)
+    _lines: list[str] = field(default_factory=list)
+    _board: list = field(default_factory=list)
 
     def scalars(self, values: dict) -> None:
         self.history.append(values)
         if not self.enabled:
             return
         self._append(values)
-        if self._writer is not None:
-            for name, value in values.items():
-                if name != "step":
-                    self._writer.add_scalar(f"train/{name}", value, values["step"])
+        self._board += [("scalar", f"train/{name}", value, values["step"])
+                        for name, value in values.items() if name != "step"]
 
     def event(self, name: str, **fields) -> None:
         if self.enabled:
             self._append({"event": name, "time": time.time(), **fields})
 
     def images(self, step: int, images) -> None:
-        if self._writer is None:
+        if not (self.enabled and self.tensorboard):
             return
         import numpy as np
 
-        for index, image in enumerate(images):
-            self._writer.add_image(f"samples/{index}", np.asarray(image), step, dataformats="HWC")
+        self._board += [("image", f"samples/{index}", np.asarray(image), step) for index, image in enumerate(images)]
+
+    def flush(self) -> None:
+        """Append the held-back lines to ``train.jsonl`` (synced to disk) and hand the values to TensorBoard."""
+        if not self.enabled or not (self._lines or self._board):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / LOG_FILE, "a") as stream:
+            stream.write("".join(self._lines))
+            stream.flush()
+            os.fsync(stream.fileno())
+        self._lines = []
+        if self.tensorboard and self._board and self._writer is None:
+            self._writer = tensorboard_writer(self.folder)
+        if self._writer is not None:
+            for kind, tag, value, step in self._board:
+                if kind == "scalar":
+                    self._writer.add_scalar(tag, value, step)
+                else:
+                    self._writer.add_image(tag, value, step, dataformats="HWC")
+            self._writer.flush()
+        self._board = []
 
     def close(self) -> None:
+        self.flush()
         if self._writer is not None:
             self._writer.close()
 
     def _append(self, values: dict) -> None:
-        with open(self.folder / LOG_FILE, "a") as stream:
-            stream.write(json.dumps(values) + "\n")
+        self._lines.append(json.dumps(values) + "\n")
 
 
 def tensorboard_writer(folder: Path):

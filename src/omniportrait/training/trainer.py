@@ -37,8 +37,8 @@ from omniportrait.training.checkpoints import (
     TrainState,
     complete_checkpoints,
     export_pivot_encoder,
-    latest_checkpoint,
     load_checkpoint,
+    resumable_checkpoint,
     save_checkpoint,
 )
 from omniportrait.training.config import PAPER_VISION_MODEL, TrainConfig
@@ -375,7 +375,7 @@ class PivotTrainer:
     # -- the run ------------------------------------------------------------------------------------------
 
     def restore(self) -> tuple[TrainState, int | None]:
-        folder = latest_checkpoint(self.run_dir)
+        folder = resumable_checkpoint(self.run_dir)
         if folder is None:
             return TrainState(), None
         state, saved = load_checkpoint(self.accelerator, folder)
@@ -454,6 +454,7 @@ class PivotTrainer:
             window = LossWindow()
         if state.step % config.checkpoint_every == 0 or last:
             log.event("checkpoint", step=state.step, path=str(self.checkpoint(state)))
+            log.flush()
         if samples is not None and state.step % config.sample_every == 0:
             log.images(state.step, samples(state.step))
             log.event("samples", step=state.step)
