@@ -255,7 +255,7 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
 
         def generate():
             ours.banded_decode = variant.banded_decode
-            output = ours(PROMPT, identities, **common, generator=generator(), rb_guidance=variant.guidance)
+            output = ours(PROMPT, identities=identities, **common, generator=generator(), rb_guidance=variant.guidance)
             fell_back = " and ".join(output.memory_fallbacks())
             if fell_back:  # reported as this variant's failure
                 raise torch.OutOfMemoryError(f"ran out of GPU memory and went on with {fell_back}, so the time is "

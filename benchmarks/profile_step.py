@@ -90,7 +90,7 @@ def graph_agreement(pipe, reference, size: int, steps: int = 10) -> str:
     from omniportrait.pipelines import Identity
 
     def latents(**config) -> torch.Tensor:
-        return pipe(PROMPT, [Identity(reference, "woman")], height=size, width=size, num_inference_steps=steps,
+        return pipe(PROMPT, identities=[Identity(reference, "woman")], height=size, width=size, num_inference_steps=steps,
                     output_type="latent", generator=torch.Generator().manual_seed(0),
                     rb_guidance=RBGuidanceConfig(**config)).images.float()
 

@@ -27,7 +27,7 @@ def generation(pipe, identities, size: int, steps: int) -> tuple[object, float, 
     outputs = []
 
     def generate():
-        outputs.append(pipe(PROMPT, identities, height=size, width=size, num_inference_steps=steps,
+        outputs.append(pipe(PROMPT, identities=identities, height=size, width=size, num_inference_steps=steps,
                             output_type="np", generator=torch.Generator().manual_seed(0)))
 
     release_memory(CUDA)

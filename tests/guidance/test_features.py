@@ -43,5 +43,6 @@ def test_features_only_matches_the_captured_output_of_a_full_pass(tiny_sd15):
     sample = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), capture_features(tiny_sd15.unet, 1) as captured:
         unet_call(tiny_sd15, sample)
-        early = features_only(tiny_sd15.unet, 1, sample, torch.tensor(500), context(tiny_sd15.unet.config.cross_attention_dim))
+        early = features_only(tiny_sd15.unet, 1, sample, torch.tensor(500),
+                              encoder_hidden_states=context(tiny_sd15.unet.config.cross_attention_dim))
     assert torch.equal(early, captured[0])

@@ -168,7 +168,7 @@ def test_a_step_that_waits_for_the_device_is_not_captured_and_runs_eagerly(step,
 # ----- guided generations ------------------------------------------------------------------------------------
 def generate(pipe, reference, **config):
     config = {"strength": 5000.0, "cuda_graph": False, **config}  # eager unless asked: the emulation can capture
-    return pipe(PROMPT, [Identity(reference, "woman")], num_inference_steps=6, output_type="np",
+    return pipe(PROMPT, identities=[Identity(reference, "woman")], num_inference_steps=6, output_type="np",
                 generator=torch.Generator().manual_seed(0), rb_guidance=RBGuidanceConfig(**config))
 
 
@@ -195,7 +195,7 @@ def test_replayed_steps_give_the_eager_generation(config, captures, replays, emu
 def test_two_identities_and_two_images_replay_as_they_run_eagerly(emulated, tiny_pipe, astronaut_reference):
     def images(**config):
         identities = [Identity(astronaut_reference, "man"), Identity(astronaut_reference, "woman")]
-        return tiny_pipe("a man and a woman on the beach", identities, num_inference_steps=5, output_type="np",
+        return tiny_pipe("a man and a woman on the beach", identities=identities, num_inference_steps=5, output_type="np",
                          num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
                          rb_guidance=RBGuidanceConfig(strength=5000.0, start=1.0, **config)).images
 

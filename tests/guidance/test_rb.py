@@ -8,6 +8,7 @@ from omniportrait.guidance import RBGuidanceConfig
 from omniportrait.guidance.mask import resize_mask
 from omniportrait.guidance.rb import ReferenceGuidance
 from omniportrait.pipelines import Identity
+from omniportrait.pipelines.conditioning import GenerationCall
 from tests.conftest import out_of_memory_on_calls
 
 PROMPT = "a photo of a woman on the beach"
@@ -94,8 +95,8 @@ def test_plain_steps_record_cross_attention_only(tiny_pipe, astronaut_reference)
 
 
 def run(pipe, reference, **kwargs):
-    return pipe(PROMPT, [Identity(reference, "woman")], num_inference_steps=6, output_type="np",
-                generator=torch.Generator().manual_seed(0), **kwargs)
+    return pipe(PROMPT, identities=[Identity(reference, "woman")], num_inference_steps=6, guidance_scale=7.5,
+                output_type="np", generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 def test_no_rb_is_the_foundation_pipeline_bit_for_bit_and_rb_changes_the_image(tiny_pipe, astronaut_reference):
@@ -108,7 +109,7 @@ def test_no_rb_is_the_foundation_pipeline_bit_for_bit_and_rb_changes_the_image(t
     timesteps, _ = retrieve_timesteps(tiny_pipe.scheduler, 6, "cpu")
     latents = tiny_pipe.prepare_latents(1, 4, 64, 64, cond.prompt_embeds.dtype, "cpu",
                                         torch.Generator().manual_seed(0))
-    foundation = tiny_pipe.decode(tiny_pipe.denoise(latents, timesteps, cond, 7.5, None), "np")
+    foundation = tiny_pipe.decode(tiny_pipe.denoise(latents, timesteps, cond, GenerationCall(guidance_scale=7.5)), "np")
     assert np.array_equal(off.images, foundation)
     on = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0))
     assert on.guidance.record.guided_steps > 0
@@ -164,7 +165,7 @@ def test_gradient_interval_counts_backward_passes_over_a_generation(tiny_pipe, a
 
 def test_gradient_interval_keeps_the_direction_of_the_guidance_effect(tiny_pipe, astronaut_reference):
     def latents(**kwargs):
-        return tiny_pipe(PROMPT, [Identity(astronaut_reference, "woman")], num_inference_steps=12,
+        return tiny_pipe(PROMPT, identities=[Identity(astronaut_reference, "woman")], num_inference_steps=12,
                          output_type="latent", generator=torch.Generator().manual_seed(0),
                          rb_guidance=RBGuidanceConfig(**kwargs)).images.flatten()
 
@@ -217,7 +218,7 @@ def test_out_of_memory_in_another_pass_is_raised(config, tiny_pipe, astronaut_re
 def test_without_cfg_the_guidance_runs_on_the_one_conditional_pass(feature_pass, tiny_pipe, astronaut_reference):
     """A guidance scale <= 1 means no CFG, as in diffusers: every row of the UNet batch is conditional."""
     def images(**config):
-        return tiny_pipe(PROMPT, [Identity(astronaut_reference, "woman")], num_inference_steps=4, guidance_scale=1.0,
+        return tiny_pipe(PROMPT, identities=[Identity(astronaut_reference, "woman")], num_inference_steps=4, guidance_scale=1.0,
                          output_type="np", generator=torch.Generator().manual_seed(0),
                          rb_guidance=RBGuidanceConfig(strength=5000.0, start=1.0, **config))
 

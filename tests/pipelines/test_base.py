@@ -116,7 +116,7 @@ def test_a_generation_that_fails_midway_leaves_the_pipeline_as_it_was(arch, astr
     from omniportrait.pipelines import Identity
 
     def generate(pipe):
-        return pipe("a photo of a woman", [Identity(astronaut_reference, "woman")], num_inference_steps=4,
+        return pipe("a photo of a woman", identities=[Identity(astronaut_reference, "woman")], num_inference_steps=4,
                     generator=torch.Generator().manual_seed(0), output_type="latent").images
 
     pipe, fresh = build(arch), build(arch)
@@ -166,7 +166,7 @@ def test_a_pipeline_offloaded_layer_by_layer_generates_what_it_does_in_place(arc
     from omniportrait.pipelines import Identity
 
     def generate(pipe):
-        return pipe("a woman on the beach", [Identity(astronaut_reference, "woman")], num_inference_steps=4,
+        return pipe("a woman on the beach", identities=[Identity(astronaut_reference, "woman")], num_inference_steps=4,
                     output_type="np", generator=torch.Generator().manual_seed(0))
 
     expected = generate(build(arch))

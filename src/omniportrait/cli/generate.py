@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     started = time.perf_counter()
     try:
-        output = pipe(args.prompt, identities, negative_prompt=args.negative_prompt, height=args.height,
+        output = pipe(args.prompt, identities=identities, negative_prompt=args.negative_prompt, height=args.height,
                       width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                       num_images_per_prompt=args.num_images, generator=generators, rb_guidance=rb_config)
     except torch.cuda.OutOfMemoryError as error:

@@ -37,12 +37,12 @@ def capture_features(unet, block: int, rows: slice | None = None, stop: bool = F
         torch.set_grad_enabled(grad_mode)
 
 
-def features_only(unet, block: int, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
-    """One UNet pass stopped after ``up_blocks[block]``; returns its output ``(B, C, h, w)``."""
+def features_only(unet, block: int, sample, timestep, **unet_kwargs):
+    """One UNet pass stopped after ``up_blocks[block]``; returns its output ``(B, C, h, w)``. ``unet_kwargs``: the
+    UNet's other arguments (``encoder_hidden_states``, ``added_cond_kwargs``, ControlNet residuals, …)."""
     with capture_features(unet, block, stop=True) as captured:
         try:
-            unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                 added_cond_kwargs=added_cond_kwargs, return_dict=False)
+            unet(sample, timestep, **unet_kwargs, return_dict=False)
         except StopForward:
             pass
     return captured[0]

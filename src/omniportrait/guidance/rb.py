@@ -28,7 +28,7 @@ from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK, RBGuidanceConfig
 from omniportrait.guidance.energy import Correspondence, background_masked, energy, match_features
 from omniportrait.guidance.features import capture_features, features_only, noisy_reference_latents
 from omniportrait.guidance.mask import regional_mask, resize_mask
-from omniportrait.guidance.noise import classifier_free, guided_noise
+from omniportrait.guidance.noise import guided_noise
 from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed, weights_frozen
 from omniportrait.guidance.steps import StepRunner, graphs_decided
 from omniportrait.identity import BoundIdentity, locate_class_word
@@ -113,8 +113,10 @@ class ReferenceGuidance:
     """State and steps of RB-Guidance for one call of an OmniPortrait pipeline."""
 
     def __init__(self, pipe, config: RBGuidanceConfig, bound: list[BoundIdentity], height: int, width: int,
-                 num_images: int):
-        self.pipe, self.bound = pipe, bound
+                 num_images: int, cond=None):
+        """``cond``: the call's conditioning, whose extra inputs (IP-Adapter embeds, LoRA scale) the reference pass
+        takes too."""
+        self.pipe, self.bound, self.call_cond = pipe, bound, cond
         self.steps = StepRunner(self)
         self.config = graphs_decided(config, pipe, self.steps.graph_backend)
         self.block = dift_block_for(pipe, self.config)
@@ -148,9 +150,10 @@ class ReferenceGuidance:
         prompt = config.ref_prompt.format(word=item.identity.class_word)
         ref_item = replace(item, positions=locate_class_word(pipe.tokenizer, prompt, item.identity.class_word))
         cond = pipe.encode_text(prompt, None, config.dift_ensemble, False, size, size, [ref_item])
+        if self.call_cond is not None:
+            cond = self.call_cond.for_reference(cond)
         timestep = torch.tensor(config.ref_timestep, device=pipe._execution_device)
-        features = features_only(pipe.unet, self.block, noisy, timestep, cond.prompt_embeds,
-                                 cond.added_cond_kwargs).float().mean(0)
+        features = features_only(pipe.unet, self.block, noisy, timestep, **cond.unet_kwargs()).float().mean(0)
         mask = torch.from_numpy(aligned.mask.astype(np.float32))[None, None]
         mask = F.interpolate(mask, size=features.shape[-2:], mode="area")[0, 0] > 0.5
         return ReferenceFeatures(features, mask.to(features.device), aligned.image, aligned.mask)
@@ -263,7 +266,7 @@ class ReferenceGuidance:
                 text = self.pipe.unet_noise(latents, t, cond.conditional())
         finally:
             self.store.rows = self.cfg_rows
-        return classifier_free(uncond, text, guidance_scale), captured[0]
+        return self.pipe.combine_noise(uncond, text, guidance_scale), captured[0]
 
     def separate_pass(self, latents, t, cond, guidance_scale: float):
         """Memory-lean mode: the CFG pass without grad, then a conditional pass stopped after the DIFT block."""
@@ -271,8 +274,8 @@ class ReferenceGuidance:
             noise = self.pipe.cfg_noise(latents, t, cond, guidance_scale)
         conditional = cond.conditional()
         model_input = self.pipe.scheduler.scale_model_input(latents, t)
-        return noise, features_only(self.pipe.unet, self.block, model_input, t, conditional.prompt_embeds,
-                                    conditional.added_cond_kwargs)
+        inputs = self.pipe.unet_inputs(latents, model_input, t, conditional)
+        return noise, features_only(self.pipe.unet, self.block, model_input, t, **inputs)
 
     @torch.no_grad()
     def generated_masks(self) -> torch.Tensor:

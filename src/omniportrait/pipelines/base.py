@@ -7,27 +7,25 @@ VAE upcasting) are small methods the two subclasses provide; everything else liv
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import BaseOutput
 from PIL import Image
 
-from omniportrait.errors import ConfigError
+from omniportrait.errors import ClassWordError, ConfigError
 from omniportrait.guidance.config import RBGuidanceConfig
 from omniportrait.guidance.noise import classifier_free
+from omniportrait.identity import BoundIdentity, Identity, check_disjoint, inject_identities, locate_class_word
 from omniportrait.models.banded_decode import DEFAULT_BAND_MIB, decode_in_bands, supports_bands
 from omniportrait.models.offload import input_device, run_offload_hook
-from omniportrait.identity import (
-    BoundIdentity,
-    Identity,
-    check_disjoint,
-    inject_identities,
-    locate_class_word,
-)
+from omniportrait.pipelines.conditioning import Conditioning, GenerationCall
 
 if TYPE_CHECKING:
     from omniportrait.guidance.rb import ReferenceGuidance
@@ -39,33 +37,13 @@ NO_PIVOT_WARNING = (
 
 
 @dataclass
-class Conditioning:
-    """UNet conditioning for one generation; tensors are ``cat([uncond, cond])`` when CFG is on."""
+class OmniPortraitOutput(BaseOutput):
+    """diffusers' pipeline output plus ours: the identities as bound for this call, the guidance state (``None`` when
+    it was off; its ``config`` is what ran), whether the images were decoded in bands, and whether that was because a
+    whole decode ran out of GPU memory. ``nsfw_content_detected`` is always ``None``: no safety checker runs."""
 
-    prompt_embeds: torch.Tensor
-    added_cond_kwargs: dict | None = None
-    do_cfg: bool = True
-
-    def conditional(self) -> "Conditioning":
-        """The conditional half only (for passes that need no unconditional branch)."""
-        return self.half(1) if self.do_cfg else self
-
-    def unconditional(self) -> "Conditioning":
-        """The unconditional half only; requires CFG."""
-        return self.half(0)
-
-    def half(self, index: int) -> "Conditioning":
-        extra = {k: v.chunk(2)[index] for k, v in (self.added_cond_kwargs or {}).items()}
-        return Conditioning(self.prompt_embeds.chunk(2)[index], extra or None, do_cfg=False)
-
-
-@dataclass
-class OmniPortraitOutput:
-    """Images, the identities as bound for this call, the guidance state (``None`` when it was off; its ``config``
-    is what ran), whether the images were decoded in bands, and whether that was because a whole decode ran out of
-    GPU memory."""
-
-    images: list[Image.Image] | torch.Tensor
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None = None
     identities: list[BoundIdentity] = field(default_factory=list)
     guidance: ReferenceGuidance | None = None
     decoded_in_bands: bool = False
@@ -91,13 +69,13 @@ def _as_prepared_reference(identity: Identity):
 
 
 class OmniPortraitMixin:
-    """Sampling loop and identity handling shared by :class:`OmniPortraitSDPipeline` and the SDXL one.
+    """Sampling loop and identity handling shared by the SD1.5 and SDXL pipelines and their ControlNet variants.
 
-    Each architecture's class provides ``encode_text(prompt, negative_prompt, num_images, do_cfg, height,
-    width, bound) -> Conditioning`` (text encoding, ``e_mix`` injection, extra UNet conditioning).
+    Each concrete class keeps its diffusers base's ``__call__`` signature and hands the arguments to
+    :meth:`generate`; it provides ``encode_text(prompt, negative_prompt, num_images, do_cfg, height, width, bound,
+    **text) -> Conditioning`` (text encoding, ``e_mix`` injection, extra UNet conditioning).
     """
 
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "pivot_encoder"]
     upcast_vae_in_fp16 = False
     banded_decode: bool | None = None  # set by enable_banded_decode / disable_banded_decode; None: decodes_in_bands
     decode_band_mib: float = DEFAULT_BAND_MIB
@@ -127,31 +105,41 @@ class OmniPortraitMixin:
         vae = self.vae
         return self.upcast_vae_in_fp16 and vae.dtype == torch.float16 and vae.config.force_upcast
 
-    @classmethod
-    def from_diffusers(cls, pipe, pivot_encoder=None):
-        """Wrap a loaded diffusers SD/SDXL pipeline, sharing its components."""
-        return cls(**pipe.components, pivot_encoder=pivot_encoder)
-
     def default_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
-    def check_call_inputs(self, prompt: str, height: int, width: int, steps: int, num_images: int) -> None:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError("prompt must be a non-empty string")
+    def check_call(self, call: GenerationCall, height: int, width: int) -> None:
+        """diffusers' own input checks for this pipeline, then ours."""
+        values = {**vars(call), **call.text, **call.control, "height": height, "width": width, "callback_steps": None}
+        names = inspect.signature(self.check_inputs).parameters
+        self.check_inputs(**{name: values[name] for name in names if name in values})
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ConfigError(f"height and width must be positive multiples of {multiple}, got {width}x{height}")
-        if steps < 1:
-            raise ConfigError(f"num_inference_steps must be at least 1, got {steps}")
-        if num_images < 1:
-            raise ConfigError(f"num_images_per_prompt must be at least 1, got {num_images}")
+        if call.num_inference_steps < 1 and call.timesteps is None and call.sigmas is None:
+            raise ConfigError(f"num_inference_steps must be at least 1, got {call.num_inference_steps}")
+        if call.num_images_per_prompt < 1:
+            raise ConfigError(f"num_images_per_prompt must be at least 1, got {call.num_images_per_prompt}")
+        prompts = call.prompts()
+        if prompts is not None and not all(isinstance(text, str) and text.strip() for text in prompts):
+            raise ConfigError("prompt must be a non-empty string or a list of them")
+        if call.identities and prompts is None:
+            raise ConfigError("identities need the prompt as text: the class word's token positions cannot be read "
+                              "from prompt_embeds")
 
-    def bind_identities(self, prompt: str, identities: list[Identity]) -> list[BoundIdentity]:
-        """Locate each identity's class word, prepare its reference and encode ``e_ref``."""
-        bound = [
-            BoundIdentity(identity, locate_class_word(self.tokenizer, prompt, identity.class_word, identity.occurrence))
-            for identity in identities
-        ]
+    def bind_identities(self, prompt: str | list[str], identities: list[Identity]) -> list[BoundIdentity]:
+        """Locate each identity's class word, prepare its reference and encode ``e_ref``. With a list of prompts the
+        word must stand at the same token positions in each (its ``e_mix`` replaces those positions in every row)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        bound = [BoundIdentity(identity, locate_class_word(self.tokenizer, prompts[0], identity.class_word,
+                                                           identity.occurrence))
+                 for identity in identities]
+        for item in bound:
+            for other in prompts[1:]:
+                if locate_class_word(self.tokenizer, other, item.identity.class_word,
+                                     item.identity.occurrence) != item.positions:
+                    raise ClassWordError(f"class word {item.identity.class_word!r} stands at other token positions "
+                                         f"in {other!r} than in {prompts[0]!r}; give identities one prompt at a time")
         check_disjoint(bound)
         if bound and self.pivot_encoder is None:
             warnings.warn(NO_PIVOT_WARNING, stacklevel=3)
@@ -173,35 +161,85 @@ class OmniPortraitMixin:
         with torch.no_grad():
             return inject_identities(prompt_embeds, usable, self.pivot_encoder)
 
+    def unet_inputs(self, latents: torch.Tensor, model_input: torch.Tensor, t, cond: Conditioning) -> dict:
+        """The UNet's keyword arguments for ``model_input`` (the scaled, CFG-batched ``latents``): the conditioning's,
+        plus a ControlNet's residuals where the pipeline has one (:meth:`control_residuals`)."""
+        return {**cond.unet_kwargs(), **self.control_residuals(latents, model_input, t, cond)}
+
+    def control_residuals(self, latents, model_input, t, cond: Conditioning) -> dict:
+        """A ControlNet's residuals for the UNet; none here (the ControlNet pipelines provide them)."""
+        return {}
+
     def unet_noise(self, latents: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         """The UNet's noise prediction; rows ``[uncond, cond]`` when ``cond`` carries CFG."""
         model_input = torch.cat([latents] * 2) if cond.do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
-        return self.unet(
-            model_input, t, encoder_hidden_states=cond.prompt_embeds,
-            added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
-        )[0]
+        return self.unet(model_input, t, **self.unet_inputs(latents, model_input, t, cond), return_dict=False)[0]
+
+    def combine_noise(self, uncond: torch.Tensor, text: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance (eq. 3), rescaled by ``guidance_rescale`` as diffusers does (Lin et al. 2023,
+        §3.4)."""
+        noise = classifier_free(uncond, text, guidance_scale)
+        rescale = getattr(self, "_guidance_rescale", 0.0)
+        return rescale_noise_cfg(noise, text, guidance_rescale=rescale) if rescale > 0 else noise
 
     def cfg_noise(self, latents: torch.Tensor, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
         """Classifier-free guided noise of one batched UNet pass (or the plain prediction without CFG)."""
         noise = self.unet_noise(latents, t, cond)
-        return classifier_free(*noise.chunk(2), guidance_scale) if cond.do_cfg else noise
+        return self.combine_noise(*noise.chunk(2), guidance_scale) if cond.do_cfg else noise
 
     def predict_noise(self, latents, t, step_index: int, cond: Conditioning, guidance_scale: float):
         """The noise the scheduler steps with, without guidance (Reference-Based Guidance brings its own)."""
         with torch.no_grad():
             return self.cfg_noise(latents, t, cond, guidance_scale)
 
-    def denoise(self, latents, timesteps, cond: Conditioning, guidance_scale: float, generator,
-                predict_noise=None) -> torch.Tensor:
+    def denoise(self, latents, timesteps, cond: Conditioning, call: GenerationCall, predict_noise=None):
+        """diffusers' denoising loop: a noise prediction and a scheduler step per timestep, then the step callback
+        (which may change the latents and the conditioning); an interrupt skips the remaining steps."""
         predict_noise = predict_noise or self.predict_noise
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(call.generator, call.eta)
+        self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
             for step_index, t in enumerate(timesteps):
-                noise = predict_noise(latents, t, step_index, cond, guidance_scale)
+                if self.interrupt:
+                    continue
+                self._step_index = step_index
+                noise = predict_noise(latents, t, step_index, cond, call.guidance_scale)
                 latents = self.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if call.callback_on_step_end is not None:
+                    latents, cond = self.step_callback(call, step_index, t, latents, cond)
                 progress.update()
         return latents
+
+    def callback_tensors(self, latents, cond: Conditioning) -> dict:
+        """What a step callback may read, by diffusers' names."""
+        tensors = {"latents": latents, "prompt_embeds": cond.prompt_embeds}
+        if cond.do_cfg:
+            tensors["negative_prompt_embeds"] = cond.unconditional().prompt_embeds
+        extra = cond.added_cond_kwargs or {}
+        if "text_embeds" in extra:
+            tensors.update(add_text_embeds=extra["text_embeds"], add_time_ids=extra["time_ids"])
+            if cond.do_cfg:
+                tensors.update(negative_pooled_prompt_embeds=extra["text_embeds"].chunk(2)[0],
+                               negative_add_time_ids=extra["time_ids"].chunk(2)[0])
+        if cond.control is not None:
+            tensors["image"] = cond.control.image
+        return tensors
+
+    def step_callback(self, call: GenerationCall, step_index: int, t, latents, cond: Conditioning):
+        """``callback_on_step_end(self, i, t, tensors)``: what it returns replaces the latents, the prompt embeddings
+        and SDXL's added conditioning, as in diffusers."""
+        available = self.callback_tensors(latents, cond)
+        tensors = {name: available[name] for name in call.callback_on_step_end_tensor_inputs if name in available}
+        returned = call.callback_on_step_end(self, step_index, t, tensors) or {}
+        latents = returned.pop("latents", latents)
+        if "prompt_embeds" in returned:
+            cond = replace(cond, prompt_embeds=returned["prompt_embeds"])
+        extra = dict(cond.added_cond_kwargs or {})
+        for ours, theirs in (("text_embeds", "add_text_embeds"), ("time_ids", "add_time_ids")):
+            if theirs in returned:
+                extra[ours] = returned[theirs]
+        return latents, replace(cond, added_cond_kwargs=extra or None)
 
     @contextmanager
     def vae_in_working_precision(self):
@@ -257,56 +295,85 @@ class OmniPortraitMixin:
             torch.cuda.empty_cache()
         return decode_in_bands(vae, latents, self.decode_band_mib), True
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str,
-        identities: list[Identity] | None = None,
-        negative_prompt: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        rb_guidance: RBGuidanceConfig | None = None,
-    ) -> OmniPortraitOutput:
-        """Draw ``prompt`` with each identity bound to its class word.
+    def default_call_size(self, call: GenerationCall) -> tuple[int, int]:
+        """``(height, width)`` of the call: as given, else the UNet's default size."""
+        return call.height or self.default_size(), call.width or self.default_size()
 
-        Defaults are the paper's: DDIM (the pipeline's scheduler), 50 steps, CFG ``w = 7.5``, and
-        Reference-Based Guidance with :class:`RBGuidanceConfig` defaults whenever identities are given
-        (``rb_guidance=RBGuidanceConfig(enabled=False)`` turns it off).
-        """
-        height = height or self.default_size()
-        width = width or self.default_size()
-        self.check_call_inputs(prompt, height, width, num_inference_steps, num_images_per_prompt)
+    @torch.no_grad()
+    def generate(self, call: GenerationCall):
+        """One generation: diffusers' lifecycle (check inputs, encode the prompt, prepare timesteps and latents,
+        denoise, decode) with each identity's ``e_mix`` in the prompt and, by default whenever identities are given,
+        Reference-Based Guidance on the steps below ``t̂`` (``rb_guidance=RBGuidanceConfig(enabled=False)`` turns it
+        off)."""
+        height, width = self.default_call_size(call)
+        self.check_call(call, height, width)
+        self._guidance_scale, self._guidance_rescale = call.guidance_scale, call.guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs = call.clip_skip, call.cross_attention_kwargs
+        self._denoising_end, self._interrupt = call.denoising_end, False
         device = self._execution_device
-        do_cfg = guidance_scale > 1.0
-        bound = self.bind_identities(prompt, list(identities or []))
-        cond = self.encode_text(prompt, negative_prompt, num_images_per_prompt, do_cfg, height, width, bound)
-        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device)
-        latents = self.prepare_latents(
-            num_images_per_prompt, self.unet.config.in_channels, height, width,
-            cond.prompt_embeds.dtype, device, generator, latents,
-        )
-        guidance = self.reference_guidance(rb_guidance, bound, height, width, num_images_per_prompt)
+        bound = self.bind_identities(call.prompts(), list(call.identities or [])) if call.identities else []
+        cond = self.conditioning(call, height, width, bound)
+        timesteps = self.call_timesteps(call, device)
+        rows = call.batch_size() * call.num_images_per_prompt
+        latents = self.prepare_latents(rows, self.unet.config.in_channels, height, width, cond.prompt_embeds.dtype,
+                                       device, call.generator, call.latents)
+        guidance = self.reference_guidance(call.rb_guidance, bound, height, width, rows, cond)
         with guidance.sampling() if guidance else nullcontext():
-            latents = self.denoise(latents, timesteps, cond, guidance_scale, generator,
-                                   guidance.noise if guidance else None)
+            latents = self.denoise(latents, timesteps, cond, call, guidance.noise if guidance else None)
         if guidance is not None:
             guidance.finish()
-        images, in_bands, ran_out_of_memory = self.decode_images(latents, output_type, generator)
+        images, in_bands, ran_out_of_memory = self.decode_images(latents, call.output_type, call.generator)
         self.maybe_free_model_hooks()
-        return OmniPortraitOutput(images=images, identities=bound, guidance=guidance, decoded_in_bands=in_bands,
-                                  decode_ran_out_of_memory=ran_out_of_memory)
+        output = OmniPortraitOutput(images=images, identities=bound, guidance=guidance, decoded_in_bands=in_bands,
+                                    decode_ran_out_of_memory=ran_out_of_memory)
+        return output if call.return_dict else self.output_tuple(output)
 
-    def reference_guidance(self, config: RBGuidanceConfig | None, bound, height, width, num_images):
+    def output_tuple(self, output: OmniPortraitOutput) -> tuple:
+        """What diffusers' pipeline of this kind returns with ``return_dict=False``: ``(images, nsfw)``."""
+        return output.images, output.nsfw_content_detected
+
+    def conditioning(self, call: GenerationCall, height: int, width: int, bound) -> Conditioning:
+        """The UNet conditioning of the call: the prompt with ``e_mix``, IP-Adapter image embeds, the guidance-scale
+        embedding of a UNet that takes one, the attention kwargs (LoRA scale), and a ControlNet's inputs."""
+        lora_scale = (call.cross_attention_kwargs or {}).get("scale")
+        cond = self.encode_text(call.prompt, call.negative_prompt, call.num_images_per_prompt, call.do_cfg, height,
+                                width, bound, prompt_embeds=call.prompt_embeds,
+                                negative_prompt_embeds=call.negative_prompt_embeds, lora_scale=lora_scale,
+                                clip_skip=call.clip_skip, **call.text)
+        rows = call.batch_size() * call.num_images_per_prompt
+        extra = dict(cond.added_cond_kwargs or {})
+        if call.ip_adapter_image is not None or call.ip_adapter_image_embeds is not None:
+            extra["image_embeds"] = self.prepare_ip_adapter_image_embeds(
+                call.ip_adapter_image, call.ip_adapter_image_embeds, self._execution_device, rows, call.do_cfg)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(call.guidance_scale - 1).repeat(rows)
+            timestep_cond = self.get_guidance_scale_embedding(scale, embedding_dim=self.unet.config.time_cond_proj_dim)
+            timestep_cond = timestep_cond.to(device=self._execution_device, dtype=cond.prompt_embeds.dtype)
+        return replace(cond, added_cond_kwargs=extra or None, timestep_cond=timestep_cond,
+                       cross_attention_kwargs=call.cross_attention_kwargs,
+                       control=self.prepare_control(call, height, width, rows, cond.prompt_embeds.dtype))
+
+    def prepare_control(self, call: GenerationCall, height: int, width: int, rows: int, dtype):
+        """A ControlNet's inputs for the call; none here (the ControlNet pipelines provide them)."""
+        return None
+
+    def call_timesteps(self, call: GenerationCall, device) -> torch.Tensor:
+        """The scheduler's timesteps for the call; with SDXL's ``denoising_end``, those before its cutoff."""
+        timesteps, _ = retrieve_timesteps(self.scheduler, call.num_inference_steps, device, call.timesteps,
+                                          call.sigmas)
+        end = call.denoising_end
+        if end is not None and isinstance(end, float) and 0 < end < 1:
+            train_steps = self.scheduler.config.num_train_timesteps
+            cutoff = int(round(train_steps - end * train_steps))
+            timesteps = timesteps[: int((timesteps >= cutoff).sum())]
+        return timesteps
+
+    def reference_guidance(self, config: RBGuidanceConfig | None, bound, height, width, num_images, cond=None):
         """The RB-Guidance state for this call, or ``None`` when it is off or there is no identity."""
         config = config or RBGuidanceConfig()
         if not bound or not config.enabled:
             return None
         from omniportrait.guidance.rb import ReferenceGuidance
 
-        return ReferenceGuidance(self, config, bound, height, width, num_images)
+        return ReferenceGuidance(self, config, bound, height, width, num_images, cond)

@@ -241,7 +241,7 @@ def load_pipeline(
     else:
         source = base or chosen.base
         arch, diffusers_pipe = load_base(source, arch or (chosen.arch if chosen and not base else None), torch_dtype)
-        pipe = PIPELINE_CLASSES[arch].from_diffusers(diffusers_pipe)
+        pipe = PIPELINE_CLASSES[arch].from_pipe(diffusers_pipe)
     if pivot_encoder is not None:
         pie = load_pivot_encoder(pivot_encoder, text_width(pipe))
     if pie is None:

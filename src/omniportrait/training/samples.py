@@ -79,7 +79,7 @@ class SampleWriter:
         try:
             for index, prompt in enumerate(self.prompts):
                 generator = torch.Generator("cpu").manual_seed(self.seed)
-                output = self.pipe(prompt, [Identity(self.reference, self.word)], height=self.resolution,
+                output = self.pipe(prompt, identities=[Identity(self.reference, self.word)], height=self.resolution,
                                    width=self.resolution, num_inference_steps=self.steps,
                                    guidance_scale=GUIDANCE_SCALE, generator=generator,
                                    rb_guidance=RBGuidanceConfig(enabled=False))
