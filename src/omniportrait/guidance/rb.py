@@ -118,7 +118,7 @@ class ReferenceGuidance:
         takes too."""
         self.pipe, self.bound, self.call_cond = pipe, bound, cond
         self.steps = StepRunner(self)
-        self.config = graphs_decided(config, pipe, self.steps.graph_backend)
+        self.config = graphs_decided(config, pipe, self.steps.graph_backend, cond)
         self.block = dift_block_for(pipe, self.config)
         self.latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         self.cfg_rows = slice(num_images, 2 * num_images)  # the conditional rows of a batched CFG pass

@@ -32,10 +32,13 @@ EAGER_AFTER_OUT_OF_MEMORY = ("capturing a sampling step as a CUDA graph ran out 
                              "run eagerly (--no-rb-cuda-graph: the same images, more host time)")
 
 
-def graph_problem(pipe, backend=CudaGraphs) -> str | None:
+def graph_problem(pipe, backend=CudaGraphs, cond=None) -> str | None:
     """Why ``pipe``'s steps cannot be captured as CUDA graphs, or None: they need a CUDA device, a scheduler a
-    replayed step can contain, and the UNet's weights in place (offloading moves them during the call, layerwise
-    casting recasts them)."""
+    replayed step can contain, the UNet's weights in place (offloading moves them during the call, layerwise
+    casting recasts them), and a ControlNet scale that stays the same over the steps."""
+    if cond is not None and cond.control is not None and not cond.control.constant():
+        return ("CUDA graphs (--rb-cuda-graph) need a ControlNet scale that is the same at every step "
+                "(control_guidance_start 0 and end 1)")
     unet = pipe.unet
     if has_offload_hooks(unet):
         return ("CUDA graphs (--rb-cuda-graph) need the UNet's weights in place, without hooks that move or "
@@ -51,12 +54,12 @@ def graph_problem(pipe, backend=CudaGraphs) -> str | None:
     return None
 
 
-def graphs_decided(config: RBGuidanceConfig, pipe, backend=CudaGraphs) -> RBGuidanceConfig:
+def graphs_decided(config: RBGuidanceConfig, pipe, backend=CudaGraphs, cond=None) -> RBGuidanceConfig:
     """``config`` with ``cuda_graph`` decided before anything runs: where left to us (None), on where the steps can be
     captured; where asked for, a clear error where they cannot."""
     if config.cuda_graph is False:
         return config
-    problem = graph_problem(pipe, backend)
+    problem = graph_problem(pipe, backend, cond)
     if config.cuda_graph and problem:
         raise ConfigError(problem)
     return replace(config, cuda_graph=problem is None)

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -166,6 +166,20 @@ def tiny_unet(arch: str) -> UNet2DConditionModel:
         projection_class_embeddings_input_dim=6 * 8 + TINY_TEXT_WIDTH,
         **common,
     )
+
+
+def tiny_controlnet(unet: UNet2DConditionModel, seed: int = TINY_SEED) -> ControlNetModel:
+    """A ControlNet made from ``unet`` as ``ControlNetModel.from_unet`` makes one, with its zero-initialised
+    convolutions (the outputs and the control image's embedding) set to small random values so that its residuals change the image (a trained ControlNet's do). Its
+    conditioning embedding downsamples the control image by 2, the tiny VAE's factor."""
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        zero_initialised = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                            controlnet.controlnet_cond_embedding.conv_out]
+        for block in zero_initialised:
+            block.weight.copy_(torch.randn(block.weight.shape, generator=generator) * 0.05)
+    return controlnet
 
 
 def tiny_scheduler() -> DDIMScheduler:

@@ -312,8 +312,8 @@ class OmniPortraitMixin:
         self._denoising_end, self._interrupt = call.denoising_end, False
         device = self._execution_device
         bound = self.bind_identities(call.prompts(), list(call.identities or [])) if call.identities else []
-        cond = self.conditioning(call, height, width, bound)
         timesteps = self.call_timesteps(call, device)
+        cond = self.conditioning(call, height, width, bound, len(timesteps))
         rows = call.batch_size() * call.num_images_per_prompt
         latents = self.prepare_latents(rows, self.unet.config.in_channels, height, width, cond.prompt_embeds.dtype,
                                        device, call.generator, call.latents)
@@ -332,7 +332,7 @@ class OmniPortraitMixin:
         """What diffusers' pipeline of this kind returns with ``return_dict=False``: ``(images, nsfw)``."""
         return output.images, output.nsfw_content_detected
 
-    def conditioning(self, call: GenerationCall, height: int, width: int, bound) -> Conditioning:
+    def conditioning(self, call: GenerationCall, height: int, width: int, bound, steps: int) -> Conditioning:
         """The UNet conditioning of the call: the prompt with ``e_mix``, IP-Adapter image embeds, the guidance-scale
         embedding of a UNet that takes one, the attention kwargs (LoRA scale), and a ControlNet's inputs."""
         lora_scale = (call.cross_attention_kwargs or {}).get("scale")
@@ -352,9 +352,9 @@ class OmniPortraitMixin:
             timestep_cond = timestep_cond.to(device=self._execution_device, dtype=cond.prompt_embeds.dtype)
         return replace(cond, added_cond_kwargs=extra or None, timestep_cond=timestep_cond,
                        cross_attention_kwargs=call.cross_attention_kwargs,
-                       control=self.prepare_control(call, height, width, rows, cond.prompt_embeds.dtype))
+                       control=self.prepare_control(call, height, width, rows, steps))
 
-    def prepare_control(self, call: GenerationCall, height: int, width: int, rows: int, dtype):
+    def prepare_control(self, call: GenerationCall, height: int, width: int, rows: int, steps: int):
         """A ControlNet's inputs for the call; none here (the ControlNet pipelines provide them)."""
         return None
 

@@ -18,14 +18,32 @@ def halve(value, index: int):
 class ControlInputs:
     """A ControlNet's conditioning for one generation, as diffusers' ControlNet pipelines prepare it.
 
-    ``image``: the control image(s), batched like the UNet input (doubled under CFG unless ``guess_mode``).
-    ``scales``: per step, the conditioning scale (a list per ControlNet of a multi-ControlNet), with
-    ``control_guidance_start``/``end`` applied.
+    ``image``: the control image(s) (one per ControlNet of a multi-ControlNet), batched like the UNet input
+    (doubled under CFG unless ``guess_mode``). ``scale``: ``controlnet_conditioning_scale``; ``start``/``end``: each
+    ControlNet's ``control_guidance_start``/``end`` as fractions of the ``steps``.
     """
 
     image: torch.Tensor | list[torch.Tensor]
-    scales: list
+    scale: float | list[float]
+    start: list[float]
+    end: list[float]
+    multi: bool = False
     guess_mode: bool = False
+    steps: int = 1
+
+    def scale_at(self, step: int) -> float | list[float]:
+        """The conditioning scale at ``step``: zero for a ControlNet outside its start-end window."""
+        keeps = [1.0 - float(step / self.steps < start or (step + 1) / self.steps > end)
+                 for start, end in zip(self.start, self.end)]
+        if self.multi:
+            scales = self.scale if isinstance(self.scale, (list, tuple)) else [self.scale] * len(keeps)
+            return [scale * keep for scale, keep in zip(scales, keeps)]
+        scale = self.scale[0] if isinstance(self.scale, (list, tuple)) else self.scale
+        return scale * keeps[0]
+
+    def constant(self) -> bool:
+        """Whether every step uses the same scale (a CUDA graph captured at one step holds for all)."""
+        return all(self.scale_at(step) == self.scale_at(0) for step in range(self.steps))
 
 
 @dataclass
