@@ -62,7 +62,8 @@ def test_call_keeps_diffusers_signature_and_appends_ours_as_keywords(pipe):
 
 def test_optional_components_extend_diffusers(pipe):
     theirs = THEIRS[arch_of(pipe)]._optional_components
-    assert type(pipe)._optional_components[: len(theirs)] == theirs and "pivot_encoder" in type(pipe)._optional_components
+    ours = type(pipe)._optional_components
+    assert ours[: len(theirs)] == theirs and "pivot_encoder" in ours
 
 
 def test_output_is_a_base_output_and_return_dict_false_is_diffusers_tuple(pipe):

@@ -78,8 +78,9 @@ def test_ip_adapter_scale_zero_equals_no_adapter_and_a_large_scale_changes_the_i
     pipe.set_ip_adapter_scale(5.0)
     large = generate(pipe, ip_adapter_image_embeds=image_embeds()).images
     guided_large = generate(pipe, ip_adapter_image_embeds=image_embeds(), **with_identity(astronaut_reference))
-    print(f"{arch} IP-Adapter max |diff| vs none: scale 0 {max_abs_diff(zero, none):.3g}, "
-          f"scale 5 {max_abs_diff(large, none):.3g}, guided scale 0 {max_abs_diff(guided_zero.images, guided_none.images):.3g}, "
+    print(f"{arch} IP-Adapter max |diff| vs none: scale 0 {max_abs_diff(zero, none):.3g}, scale 5 "
+          f"{max_abs_diff(large, none):.3g}, guided scale 0 "
+          f"{max_abs_diff(guided_zero.images, guided_none.images):.3g}, "
           f"guided scale 5 {max_abs_diff(guided_large.images, guided_none.images):.3g}")
     assert max_abs_diff(zero, none) <= 1e-6
     assert max_abs_diff(guided_zero.images, guided_none.images) <= 1e-6
