@@ -5,6 +5,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from omniportrait.attention import (
     AttentionStore,
     RecordingAttnProcessor,
+    RecordingWrapper,
     attention_layers,
     keeps_rows_apart,
     record_attention,
@@ -129,3 +130,66 @@ def test_rows_are_kept_apart_by_diffusers_default_and_the_recording_processor_on
     store = AttentionStore([[3]], [])
     assert keeps_rows_apart(AttnProcessor2_0()) and keeps_rows_apart(RecordingAttnProcessor(store, "attn2"))
     assert not keeps_rows_apart(object())
+    assert keeps_rows_apart(RecordingWrapper(AttnProcessor2_0(), store, "attn2"))
+    assert not keeps_rows_apart(RecordingWrapper(CountingProcessor(), store, "attn2"))
+
+
+class CountingProcessor(AttnProcessor2_0):
+    """A user's processor (not diffusers' default type): the default arithmetic on the text context (of an
+    IP-Adapter's ``(text, images)`` too), counting its calls and keeping the keywords it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.keywords = 0, []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale=1.0,
+                 ip_adapter_masks=None):
+        self.calls += 1
+        self.keywords.append({"scale": scale, "ip_adapter_masks": ip_adapter_masks})
+        if isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states = encoder_hidden_states[0]
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def recorded_run(unet, context, extra):
+    """The UNet's output and the store of a run recording the latent/4 layers."""
+    store = AttentionStore([[3], [5, 6]], attention_layers(unet, 4, "attn2"), attention_layers(unet, 4, "attn1"),
+                           latent_size=(32, 32))
+    with record_attention(unet, store):
+        return run(unet, context, extra), store
+
+
+def test_a_user_processor_on_a_recorded_layer_keeps_running_and_records_the_same_maps(unet_and_context):
+    unet, context, extra = unet_and_context
+    unet.set_attn_processor(AttnProcessor2_0())
+    default_output, default_store = recorded_run(unet, context, extra)
+    mine = CountingProcessor()
+    layers = [*default_store.cross_layers, *default_store.self_layers]
+    for name in layers:
+        unet.get_submodule(name).set_processor(mine)
+    try:
+        output, store = recorded_run(unet, context, extra)
+        assert all(unet.get_submodule(name).processor is mine for name in layers)
+    finally:
+        unet.set_attn_processor(AttnProcessor2_0())
+    assert mine.calls == len(layers)
+    assert torch.allclose(output, default_output, atol=1e-6)
+    assert torch.allclose(store.identity_maps(), default_store.identity_maps(), atol=1e-6)
+    for (query, key), (default_query, default_key) in zip(store.self_qk, default_store.self_qk, strict=True):
+        assert torch.equal(query, default_query) and torch.equal(key, default_key)
+
+
+def test_the_wrapper_records_from_the_text_of_an_ip_adapter_context_and_passes_its_keywords_on(unet_and_context):
+    unet, context, _ = unet_and_context
+    name = attention_layers(unet, 4, "attn2")[0]
+    attn = unet.get_submodule(name)
+    hidden = torch.randn(2, 64, attn.to_q.in_features)
+    store = AttentionStore([[3]], [name], latent_size=(8, 8))
+    inner = CountingProcessor()
+    images = torch.randn(2, 4, context.shape[-1])
+    masks = [torch.ones(1, 1, 8, 8)]
+    RecordingWrapper(inner, store, "attn2")(attn, hidden, (context, [images]), scale=0.5, ip_adapter_masks=masks)
+    reference = AttentionStore([[3]], [name], latent_size=(8, 8))
+    RecordingAttnProcessor(reference, "attn2")(attn, hidden, context)
+    assert torch.equal(store.identity_maps(), reference.identity_maps())
+    assert inner.keywords == [{"scale": 0.5, "ip_adapter_masks": masks}]

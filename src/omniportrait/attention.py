@@ -1,21 +1,23 @@
 """Attention recording: the e_mix cross-attention maps and the self-attention q/k of chosen layers.
 
 Recording is used by Reference-Based Guidance (regional mask, eq. 6) and by training (face localization loss, eq.
-5). For the ``with record_attention(...)`` block the recorded layers run :class:`RecordingAttnProcessor` through
-diffusers' per-module processor interface, writing into an explicit :class:`AttentionStore`; every other layer keeps
+5). For the ``with record_attention(...)`` block the recorded layers run :class:`RecordingAttnProcessor` (or, where a
+layer has a processor of its own such as an IP-Adapter's, :class:`RecordingWrapper` around it) through diffusers'
+per-module processor interface, writing into an explicit :class:`AttentionStore`; every other layer keeps
 its processor, and all are restored afterwards (on exceptions too). An identity's map is one more SDPA call with the
 indicator of its tokens as value, so no probability matrix is ever formed.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 CROSS, SELF = "attn2", "attn1"
 SDPA_VALUE_ALIGNMENT = 8  # CUDA's fused SDPA kernels want a value width that is a multiple of 8
@@ -173,6 +175,46 @@ def resize_map(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
+def attention_inputs(attn, hidden_states, context, attention_mask, temb):
+    """What diffusers' processors compute before the projections: ``hidden_states`` as ``(B, N, C)`` after the
+    spatial and group norms, the context (the hidden states for self-attention, else normed as the layer asks) and
+    the attention mask shaped ``(B, heads, ·, M)`` for SDPA."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.flatten(2).transpose(1, 2)
+    batch, sequence = (hidden_states if context is None else context).shape[:2]
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if context is None:
+        context = hidden_states
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return hidden_states, context, attention_mask
+
+
+def query_key(attn, hidden_states: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's query and key ``(B, heads, N, d)``, with its q/k norms."""
+    batch = hidden_states.shape[0]
+    query, key = (split_heads(x, batch, attn.heads) for x in (attn.to_q(hidden_states), attn.to_k(context)))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key
+
+
+def record_query_key(store: AttentionStore, kind: str, attn, query, key, mask) -> None:
+    """Write a layer's q/k into ``store``: each identity's cross-attention mass, or the self-attention q/k."""
+    if kind == CROSS:
+        store.record_cross(query, key, mask, attn.scale)
+    else:
+        store.record_self(query, key)
+
+
 class RecordingAttnProcessor(AttnProcessor2_0):
     """diffusers' ``AttnProcessor2_0`` that also records its query and key into ``store``: ``kind`` :data:`CROSS`
     (each identity's cross-attention mass) or :data:`SELF` (the q/k of the self-attention, for eq. 6's refinement).
@@ -182,47 +224,46 @@ class RecordingAttnProcessor(AttnProcessor2_0):
         super().__init__()
         self.store, self.kind = store, kind
 
-    def record(self, attn, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
-        if self.kind == CROSS:
-            self.store.record_cross(query, key, mask, attn.scale)
-        else:
-            self.store.record_self(query, key)
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, sequence, _ = context.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            context = hidden_states
-        elif attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        query, key, value = (split_heads(x, batch, attn.heads) for x in (query, attn.to_k(context), attn.to_v(context)))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        self.record(attn, query, key, attention_mask)
+        residual, shape = hidden_states, hidden_states.shape
+        hidden_states, context, attention_mask = attention_inputs(attn, hidden_states, encoder_hidden_states,
+                                                                  attention_mask, temb)
+        query, key = query_key(attn, hidden_states, context)
+        value = split_heads(attn.to_v(context), hidden_states.shape[0], attn.heads)
+        record_query_key(self.store, self.kind, attn, query, key, attention_mask)
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).flatten(2).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if len(shape) == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(shape)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class RecordingWrapper(torch.nn.Module):
+    """Records a layer's q/k into ``store`` and then runs the layer's own processor ``inner`` unchanged: how a layer
+    whose processor is not diffusers' default (an IP-Adapter's, a user's) is recorded without losing what that
+    processor adds (an IP-Adapter's image attention). q/k are projected here once more, from the text context only:
+    diffusers hands an IP-Adapter layer ``(text, image states)``. A module, so that an inner processor with weights
+    stays in the UNet's parameters while wrapped."""
+
+    def __init__(self, inner, store: AttentionStore, kind: str):
+        super().__init__()
+        self.inner, self.store, self.kind = inner, store, kind
+        self.accepts = set(inspect.signature(inner.__call__).parameters)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 scale=None, ip_adapter_masks=None, **kwargs):
+        """``scale`` and ``ip_adapter_masks`` are named so that diffusers' ``Attention.forward``, which filters the
+        attention kwargs by the processor's signature, passes them; they go on to ``inner`` where it takes them."""
+        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+        states, context, mask = attention_inputs(attn, hidden_states, text, attention_mask, temb)
+        record_query_key(self.store, self.kind, attn, *query_key(attn, states, context), mask)
+        given = {"scale": scale, "ip_adapter_masks": ip_adapter_masks}
+        kwargs.update({name: value for name, value in given.items() if value is not None and name in self.accepts})
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
 def split_heads(projected: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
@@ -235,9 +276,19 @@ def attention_modules(unet) -> list:
     return [module for module in unet.modules() if hasattr(module, "set_processor")]
 
 
+def recording_processor(processor, store: AttentionStore, kind: str):
+    """The processor that records a layer now run by ``processor``: :class:`RecordingAttnProcessor` in place of
+    diffusers' default processors (the same output, the q/k computed once), a :class:`RecordingWrapper` around any
+    other, which keeps running."""
+    if type(processor) in (AttnProcessor2_0, AttnProcessor, RecordingAttnProcessor):
+        return RecordingAttnProcessor(store, kind)
+    return RecordingWrapper(processor, store, kind)
+
+
 @contextmanager
 def record_attention(unet, store: AttentionStore, self_attention: bool = True):
-    """Record the store's layers for the ``with`` block; always restore their processors.
+    """Record the store's layers for the ``with`` block; always restore their processors. A layer keeps what its
+    processor computes (:func:`recording_processor`).
 
     ``self_attention=False`` records the cross-attention maps only. Only the recorded layers are touched: diffusers'
     ``set_attn_processor`` walks every module of the UNet.
@@ -247,7 +298,7 @@ def record_attention(unet, store: AttentionStore, self_attention: bool = True):
     modules = store.layer_modules(unet)
     original = {name: modules[name].processor for name in kinds}
     for name, kind in kinds.items():
-        modules[name].set_processor(RecordingAttnProcessor(store, kind))
+        modules[name].set_processor(recording_processor(original[name], store, kind))
     try:
         yield store
     finally:
@@ -257,5 +308,7 @@ def record_attention(unet, store: AttentionStore, self_attention: bool = True):
 
 def keeps_rows_apart(processor) -> bool:
     """Whether ``processor`` computes each batch row from that row alone, as diffusers' default and ours do (an
-    adapter's or a user's processor may attend across rows)."""
+    adapter's or a user's processor may attend across rows); a :class:`RecordingWrapper` as its inner processor."""
+    if isinstance(processor, RecordingWrapper):
+        return keeps_rows_apart(processor.inner)
     return type(processor) in (AttnProcessor2_0, RecordingAttnProcessor)
