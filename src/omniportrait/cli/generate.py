@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import platform
 import sys
 import time
@@ -35,6 +34,7 @@ from omniportrait.files import write_json_atomic
 from omniportrait.guidance.config import FEATURE_PASSES, RECOMPUTES, RBGuidanceConfig
 from omniportrait.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
+from omniportrait.pipelines.plugins import file_sha256
 from omniportrait.pipelines.schedulers import SCHEDULERS
 from omniportrait.text import find_person_nouns
 from omniportrait.values import FACE_INDEX, GUIDANCE_SCALE, IMAGE_SIDE, SEED, SEED_MAX, STEPS, Range
@@ -226,13 +226,6 @@ def output_paths(out: str, count: int) -> list[Path]:
     for each in paths:
         check_output_file(each, ".png")
     return paths
-
-
-def file_sha256(path: str) -> str | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def package_versions() -> dict:

@@ -38,7 +38,10 @@ def check_control(value: str) -> None:
     """``--control KIND:IMAGE[:SCALE]``: well formed and naming an existing image file."""
     from omniportrait.files import check_input_file
 
-    check_input_file(parse_control(value).image)
+    try:
+        check_input_file(parse_control(value).image)
+    except ConfigError as err:  # argparse names the flag already
+        raise ConfigError(str(err).removeprefix("--control ")) from None
 
 
 def add_plugin_arguments(p) -> None:

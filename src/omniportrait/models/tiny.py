@@ -229,7 +229,12 @@ def tiny_components(arch: str) -> TinyComponents:
 def tiny_image_encoder() -> tuple:
     """A tiny CLIP image tower with projection and its processor (32×32 crops): the ``image_encoder`` and
     ``feature_extractor`` an IP-Adapter needs, built offline."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
+
+    try:  # the PIL processor where transformers has one: the default one asks for torchvision
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
 
     torch.manual_seed(TINY_SEED)
     encoder = CLIPVisionModelWithProjection(tiny_vision_config())

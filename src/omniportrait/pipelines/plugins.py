@@ -288,16 +288,17 @@ def load_tiny_ip_adapter(pipe) -> None:
 
 
 def file_sha256(path: str | Path) -> str | None:
-    """SHA-256 of a local file, ``None`` for a hub id or a folder."""
+    """SHA-256 of a local file, read in blocks; ``None`` for a hub id, a folder or a file that cannot be read."""
     import hashlib
 
     file = Path(path).expanduser()
-    if not file.is_file():
-        return None
     digest = hashlib.sha256()
-    with open(file, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
     return digest.hexdigest()
 
 
