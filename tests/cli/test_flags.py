@@ -59,6 +59,11 @@ def bad_values(parse, place: Path) -> list[str]:
                      f"{missing}:woman"],
         "device": ["", "nope", "cuda:99"],
         "data": ["", missing],
+        "control": ["", "pose", "nope:" + a_file, f"pose:{missing}", f"pose:{a_folder}", f"pose:{a_file}:-1",
+                    f"pose:{a_file}:nan", f"canny:{a_file}:1x"],
+        "controlnet": ["", "pose", "nope=tiny", "pose=", f"pose={missing}", f"pose={a_file}", f"image={a_folder}"],
+        "ip-adapter": ["", missing, a_file, a_folder, "just-a-name"],
+        "lora": ["", missing, a_file, f"{a_file}:0.5", f"{missing}.safetensors:x", f"{missing}.safetensors:-1"],
     }
     return by_kind.get(kind, [])
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import platform
 import sys
 import time
 from pathlib import Path
 
+from omniportrait.cli.plugins import (
+    add_plugin_arguments,
+    attach_plugins,
+    call_arguments,
+    make_control_images,
+    plugin_flags,
+    plugin_request,
+    plugins_record,
+    save_control_images,
+)
 from omniportrait.cli.args import (
     choice_of,
     device_name,
@@ -25,6 +34,7 @@ from omniportrait.files import write_json_atomic
 from omniportrait.guidance.config import FEATURE_PASSES, RECOMPUTES, RBGuidanceConfig
 from omniportrait.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
+from omniportrait.pipelines.plugins import file_sha256
 from omniportrait.pipelines.schedulers import SCHEDULERS
 from omniportrait.text import find_person_nouns
 from omniportrait.values import FACE_INDEX, GUIDANCE_SCALE, IMAGE_SIDE, SEED, SEED_MAX, STEPS, Range
@@ -96,6 +106,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-images", type=number(NUM_IMAGES), default=1)
     p.add_argument("--banded-decode", **COST_FLAGS["--banded-decode"])
     add_guidance_arguments(p)
+    add_plugin_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -217,13 +228,6 @@ def output_paths(out: str, count: int) -> list[Path]:
     return paths
 
 
-def file_sha256(path: str) -> str | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def package_versions() -> dict:
     import diffusers
     import torch
@@ -258,7 +262,7 @@ def similarities(identities: list[Identity], image) -> list[tuple[float | None, 
 
 
 def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], seed: int, index: int,
-            elapsed: float, sims: list[float | None]) -> dict:
+            elapsed: float, sims: list[float | None], plugins: dict) -> dict:
     from dataclasses import asdict
 
     return {
@@ -279,6 +283,7 @@ def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], see
              "sim": None if sim is None else round(sim, 4), **({"sim_missing": why} if sim is None else {})}
             for item, source, (sim, why) in zip(identities, sources, sims)
         ],
+        "plugins": plugins,
         "reproduce": reproduce_command(args, seed),
         "versions": package_versions(),
         "elapsed_s": round(elapsed, 3),
@@ -300,7 +305,7 @@ def reproduce_command(args, seed: int) -> list[str]:
         command += ["--reference", photo]
     for value in args.identity:
         command += ["--identity", value]
-    return command + ["--out", args.out]
+    return command + plugin_flags(args) + ["--out", args.out]
 
 
 def asdict_flags(args) -> dict:
@@ -349,8 +354,8 @@ def record_what_ran(args, output) -> None:
 
 
 def check_before_loading(args) -> list[Path]:
-    """Everything that can be refused without a model: seeds, output files, model files, memory for the size.
-    Returns the output paths."""
+    """Everything that can be refused without a model: seeds, output files, model files, plug-ins and how they go
+    together, memory for the size. Returns the output paths."""
     from omniportrait.memory import check_fits
     from omniportrait.pipelines.loading import check_base, check_pivot_encoder, get_preset, resolve_device, \
         resolve_dtype
@@ -364,11 +369,25 @@ def check_before_loading(args) -> list[Path]:
         check_base(args.base)
     if args.pivot_encoder is not None:
         check_pivot_encoder(args.pivot_encoder)
+    args.plugins = plugin_request(args, args.arch or preset.arch, is_tiny(args))
     device = resolve_device(args.device)
-    arch = "tiny" if preset.base is None and args.base is None else (args.arch or preset.arch)
+    arch = "tiny" if is_tiny(args) else (args.arch or preset.arch)
     check_fits(arch, args.width or preset.size, args.height or preset.size, args.num_images, device,
                resolve_dtype(args.dtype, device), args.banded_decode)
     return paths
+
+
+def is_tiny(args) -> bool:
+    """Whether this run uses a tiny preset's random weights (and so tiny random plug-ins by default)."""
+    from omniportrait.pipelines.loading import get_preset
+
+    return get_preset(args.preset).base is None and args.base is None
+
+
+def pipeline_arch(pipe) -> str:
+    from omniportrait.pipelines.sdxl import OmniPortraitSDXLPipeline
+
+    return "sdxl" if isinstance(pipe, OmniPortraitSDXLPipeline) else "sd15"
 
 
 def report_faces(identities: list[Identity], sources: list[Identity]) -> None:
@@ -406,36 +425,41 @@ def run(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.preset)
     paths = check_before_loading(args)
+    args.width = args.width or preset.size
+    args.height = args.height or preset.size
     sources = identities_from_args(args)
     identities = prepare_identities(sources)
     report_faces(identities, sources)
+    make_control_images(args.plugins, args.width, args.height)
     rb_config = guidance_config(args)
     pipe = load_pipeline(args.preset, args.base, args.arch, args.pivot_encoder, args.device, args.dtype,
                          args.scheduler)
     warn_cut_prompts(args, pipe)
     pipe.banded_decode = args.banded_decode  # None: the pipeline's default
-    args.width = args.width or preset.size
-    args.height = args.height or preset.size
+    pipe = attach_plugins(pipe, args.plugins, pipeline_arch(pipe), is_tiny(args))
     seeds = [args.seed + index for index in range(args.num_images)]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     started = time.perf_counter()
     try:
         output = pipe(args.prompt, identities=identities, negative_prompt=args.negative_prompt, height=args.height,
                       width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                      num_images_per_prompt=args.num_images, generator=generators, rb_guidance=rb_config)
+                      num_images_per_prompt=args.num_images, generator=generators, rb_guidance=rb_config,
+                      **call_arguments(args.plugins))
     except torch.cuda.OutOfMemoryError as error:
         raise OutOfMemoryError(out_of_memory_message(args, rb_config)) from error
     elapsed = time.perf_counter() - started
     record_what_ran(args, output)
+    plugins = plugins_record(args.plugins)
     for index, (image, path, seed) in enumerate(zip(output.images, paths, seeds)):
         path.parent.mkdir(parents=True, exist_ok=True)
         sims = similarities(identities, image)
         save_image_atomic(image, path)
         write_json_atomic(path.with_suffix(".json"),
-                          sidecar(args, pipe, identities, sources, seed, index, elapsed, sims))
+                          sidecar(args, pipe, identities, sources, seed, index, elapsed, sims, plugins))
         print(f"wrote {path} ({image.width}x{image.height}) and {path.with_suffix('.json').name}", file=sys.stderr)
         for item, (sim, why) in zip(identities, sims):
             print(sim_line(item, sim, why), file=sys.stderr)
+    save_control_images(args.plugins)
     if args.save_masks and output.guidance is not None:
         from omniportrait.guidance.visualize import save_guidance_pictures
 

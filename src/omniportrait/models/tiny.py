@@ -224,3 +224,52 @@ def tiny_components(arch: str) -> TinyComponents:
     components["text_encoder_2"] = CLIPTextModelWithProjection(tiny_text_config(vocab_size))
     components["tokenizer_2"] = tiny_tokenizer(pad_token="!")
     return TinyComponents(components, tiny_pivot_encoder(2 * TINY_TEXT_WIDTH))
+
+
+def tiny_image_encoder() -> tuple:
+    """A tiny CLIP image tower with projection and its processor (32×32 crops): the ``image_encoder`` and
+    ``feature_extractor`` an IP-Adapter needs, built offline."""
+    from transformers import CLIPVisionModelWithProjection
+
+    try:  # the PIL processor where transformers has one: the default one asks for torchvision
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    torch.manual_seed(TINY_SEED)
+    encoder = CLIPVisionModelWithProjection(tiny_vision_config())
+    side = tiny_vision_config().image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return encoder, processor
+
+
+def tiny_ip_adapter(unet: UNet2DConditionModel, image_embed_dim: int, seed: int = TINY_SEED) -> dict:
+    """A random IP-Adapter state dict for ``unet`` in the layout of the released checkpoints: ``image_proj``
+    (a linear map of the image embedding to 4 tokens, and their LayerNorm) and ``ip_adapter`` (``to_k_ip`` and
+    ``to_v_ip`` of every cross-attention layer, numbered 1, 3, 5, … in the UNet's processor order)."""
+    generator = torch.Generator().manual_seed(seed)
+    width, tokens = unet.config.cross_attention_dim, 4
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * 0.05
+
+    image_proj = {"proj.weight": random(width * tokens, image_embed_dim), "proj.bias": random(width * tokens),
+                  "norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
+    ip_adapter, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = _attention_width(unet, name)
+        ip_adapter[f"{key_id}.to_k_ip.weight"] = random(hidden, width)
+        ip_adapter[f"{key_id}.to_v_ip.weight"] = random(hidden, width)
+        key_id += 2
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def _attention_width(unet: UNet2DConditionModel, processor_name: str) -> int:
+    """The channel width of the attention layer ``processor_name`` (as diffusers' IP-Adapter loader finds it)."""
+    widths = unet.config.block_out_channels
+    if processor_name.startswith("mid_block"):
+        return widths[-1]
+    block = int(processor_name.split(".")[1])
+    return list(reversed(widths))[block] if processor_name.startswith("up_blocks") else widths[block]
