@@ -155,7 +155,6 @@ def no_loading(monkeypatch):
     (["--control", "image:{astronaut}"], "has no default ControlNet"),
     (["--control", "pose:{astronaut}", "--controlnet", "canny=tiny"], "names a kind no --control uses"),
     (["--save-control", "{tmp}/controls"], "--save-control writes the control images"),
-    (["--ip-adapter", "tiny", "--ip-adapter-image", "{astronaut}"], "--ip-adapter runs with --no-rb"),
     (["--ip-adapter", "tiny", "--no-rb"], "--ip-adapter needs --ip-adapter-image"),
     (["--ip-adapter-scale", "0.5"], "--ip-adapter-scale needs --ip-adapter"),
     (["--lora", "{tmp}/x.safetensors:0.5"], "does not exist"),
@@ -186,3 +185,11 @@ def test_a_lora_path_with_colons_is_read_from_the_right(tmp_path):
     lora = write_tiny_lora(tmp_path / "a:b.safetensors")
     assert parse_lora(str(lora)).scale == 1.0 and parse_lora(str(lora)).path == lora
     assert parse_lora(f"{lora}:0.25").scale == 0.25
+
+
+def test_tiny_ip_adapter_with_rb_guidance_on(tmp_path, astronaut_path):
+    out = tmp_path / "ip-rb.png"
+    assert generate(astronaut_path, out, "--ip-adapter", "tiny", "--ip-adapter-image", astronaut_path,
+                    "--rb-start", "1") == 0
+    meta = sidecar(out)
+    assert meta["plugins"]["ip_adapter"]["source"] == "tiny" and "--ip-adapter" in meta["reproduce"]

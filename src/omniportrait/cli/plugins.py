@@ -30,8 +30,6 @@ from omniportrait.pipelines.plugins import (
 from omniportrait.values import Range
 
 IP_ADAPTER_SCALE = Range(0, 100, note="1 is the adapter's full strength, 0 turns it off")
-NEEDS_NO_RB = ("--ip-adapter runs with --no-rb for now: RB-Guidance's attention recording does not read the "
-               "IP-Adapter's image tokens yet")
 
 
 def check_control(value: str) -> None:
@@ -95,8 +93,6 @@ def ip_adapter_from_args(args) -> IPAdapterSpec | None:
         return None
     if args.ip_adapter_image is None:
         raise ConfigError("--ip-adapter needs --ip-adapter-image IMG, the image prompt")
-    if not args.no_rb:
-        raise ConfigError(NEEDS_NO_RB)
     scale = 1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale
     return IPAdapterSpec(args.ip_adapter, scale, Path(args.ip_adapter_image))
 

@@ -116,7 +116,7 @@ class OmniPortraitMixin:
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ConfigError(f"height and width must be positive multiples of {multiple}, got {width}x{height}")
-        if call.num_inference_steps < 1 and call.timesteps is None and call.sigmas is None:
+        if call.timesteps is None and call.sigmas is None and call.num_inference_steps < 1:
             raise ConfigError(f"num_inference_steps must be at least 1, got {call.num_inference_steps}")
         if call.num_images_per_prompt < 1:
             raise ConfigError(f"num_images_per_prompt must be at least 1, got {call.num_images_per_prompt}")
