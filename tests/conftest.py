@@ -9,6 +9,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers already fill the cores
+    torch.set_num_threads(1)
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 

@@ -9,13 +9,13 @@ from omniportrait.training.convergence import measure
 
 from .conftest import tiny_config
 
-STEPS = 105
+STEPS = 150
 
 
 def test_localization_loss_halves_and_the_map_follows_the_mask(tmp_path):
     config = tiny_config(tmp_path / "data", tmp_path / "run", max_steps=STEPS, batch_size=4, learning_rate=3e-2,
-                         eta=100.0, log_every=35, checkpoint_every=STEPS)
-    curve = measure(config, probe_every=35)
+                         eta=100.0, log_every=25, checkpoint_every=STEPS)
+    curve = measure(config, probe_every=25)
     start, final = curve[0], curve[-1]
     best = min(curve[1:], key=lambda point: point.localization_loss)
     for point in curve:  # shown with pytest -s
