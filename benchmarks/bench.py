@@ -38,10 +38,12 @@ PLAIN_AFTER = f"{PLAIN}-after"  # the same pipeline timed again once ours have r
 @dataclass(frozen=True)
 class Variant:
     """One way of generating that the bench times: diffusers' own pipeline (``guidance=None``), or ours with this
-    guidance and decode (``banded_decode=None``: the pipeline's default, ``decodes_in_bands``)."""
+    guidance and decode (``banded_decode=None``: the pipeline's default, ``decodes_in_bands``); with ``controlnet``,
+    each with one ControlNet (diffusers' ControlNet pipeline, ours)."""
 
     guidance: RBGuidanceConfig | None
     banded_decode: bool | None = False
+    controlnet: bool = False
 
     @property
     def needs_cuda(self) -> bool:
@@ -62,6 +64,8 @@ VARIANTS: dict[str, Variant] = {  # the defaults' candidates: feature pass, grad
     "rb-split-graph": Variant(SPLIT_GRAPHED),
     "rb-cfg-graph-banded": Variant(GRAPHED, banded_decode=True),
     "rb-split-graph-banded": Variant(SPLIT_GRAPHED, banded_decode=True),
+    "diffusers-controlnet": Variant(None, controlnet=True),  # ours against it: the cost of guidance under control
+    "rb-controlnet": Variant(RBGuidanceConfig(), banded_decode=None, controlnet=True),
 }
 MODELS = {"tiny-sd15": ("sd15", 64), "tiny-sdxl": ("sdxl", 64), "random-sd15": ("sd15", 512),
           "random-sdxl": ("sdxl", 1024)}  # name: (architecture, default image side)
@@ -242,20 +246,27 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
     plain_class = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[config.arch]
     plain = plain_class(**parts).to(device)
     ours = PIPELINE_CLASSES[config.arch](**parts, pivot_encoder=pivot_encoder).to(device)
-    for pipe in (plain, ours):
+    pipes = {False: (plain, ours)}
+    if any(VARIANTS[name].controlnet for name in config.variants_on(device)):
+        pipes[True] = controlnet_pipelines(config, plain, ours, device)
+    for pipe in [pipe for pair in pipes.values() for pipe in pair]:
         pipe.set_progress_bar_config(disable=True)
     common = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
                   height=config.resolution, width=config.resolution, output_type="pil")
     identities = [Identity(reference, "woman")]
+    control = {False: {}, True: dict(image=control_image(config.resolution))}
 
     def call(variant: Variant) -> Callable:
         generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        theirs, our_pipe = pipes[variant.controlnet]
+        extra = control[variant.controlnet]
         if variant.guidance is None:
-            return lambda: plain(PROMPT, **common, generator=generator())
+            return lambda: theirs(PROMPT, **common, **extra, generator=generator())
 
         def generate():
-            ours.banded_decode = variant.banded_decode
-            output = ours(PROMPT, identities=identities, **common, generator=generator(), rb_guidance=variant.guidance)
+            our_pipe.banded_decode = variant.banded_decode
+            output = our_pipe(PROMPT, identities=identities, **common, **extra, generator=generator(),
+                              rb_guidance=variant.guidance)
             fell_back = " and ".join(output.memory_fallbacks())
             if fell_back:  # reported as this variant's failure
                 raise torch.OutOfMemoryError(f"ran out of GPU memory and went on with {fell_back}, so the time is "
@@ -265,6 +276,36 @@ def variant_calls(config: BenchConfig, parts: dict, pivot_encoder, reference, de
         return generate
 
     return {name: call(VARIANTS[name]) for name in config.variants_on(device)}
+
+
+def controlnet_pipelines(config: BenchConfig, plain, ours, device) -> tuple:
+    """diffusers' ControlNet pipeline and ours, on the components of ``plain``/``ours`` and one random-weight
+    ControlNet of the UNet's architecture (speed and memory do not depend on its weights)."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    from omniportrait.models.tiny import tiny_controlnet
+    from omniportrait.pipelines import OmniPortraitSDControlNetPipeline, OmniPortraitSDXLControlNetPipeline
+
+    unet = ours.unet
+    if config.model.startswith("tiny-"):
+        controlnet = tiny_controlnet(unet)
+    else:
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_unet(unet)
+    controlnet = controlnet.to(device, unet.dtype)
+    theirs_class = {"sd15": StableDiffusionControlNetPipeline, "sdxl": StableDiffusionXLControlNetPipeline}
+    ours_class = {"sd15": OmniPortraitSDControlNetPipeline, "sdxl": OmniPortraitSDXLControlNetPipeline}
+    return (theirs_class[config.arch].from_pipe(plain, controlnet=controlnet),
+            ours_class[config.arch].from_pipe(ours, controlnet=controlnet))
+
+
+def control_image(side: int):
+    """A fixed control image of the generation size (its content does not change the cost)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
 
 
 @dataclass

@@ -113,6 +113,24 @@ def test_memory_is_released_before_every_call_and_rows_are_ratios_to_plain(monke
         assert row.seconds > 0 and row.peak_gib is None and row.ratio == pytest.approx(row.seconds / rows[0].seconds)
 
 
+def test_the_controlnet_variants_run_diffusers_and_ours_with_the_same_controlnet(monkeypatch, astronaut_reference):
+    used = []
+    real = bench.controlnet_pipelines
+
+    def recorded(*args):
+        pair = real(*args)
+        used.append(pair)
+        return pair
+
+    monkeypatch.setattr(bench, "controlnet_pipelines", recorded)
+    config = BenchConfig("tiny-sd15", steps=1, repeats=1, variants=("diffusers-controlnet", "rb-controlnet"))
+    rows = run_benchmark(config, astronaut_reference, torch.device("cpu"), torch.float32)
+    assert [row.variant for row in rows] == [PLAIN, "diffusers-controlnet", "rb-controlnet", PLAIN_AFTER]
+    assert all(row.seconds > 0 and row.error is None for row in rows)
+    (theirs, ours), = used
+    assert theirs.controlnet is ours.controlnet and type(theirs).__name__ == "StableDiffusionControlNetPipeline"
+
+
 def failing(names: tuple[str, ...], message: str = "CUDA out of memory. Tried to allocate 2.00 GiB"):
     """``variant_calls`` whose ``names`` raise instead of generating."""
     real = bench.variant_calls

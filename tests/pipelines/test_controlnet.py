@@ -114,3 +114,25 @@ def test_a_control_scale_that_changes_over_the_steps_runs_eagerly(monkeypatch, a
     with pytest.raises(ConfigError, match="ControlNet scale that is the same at every step"):
         pipe(PROMPT, image=control_image(), height=64, width=64, num_inference_steps=4, control_guidance_end=0.5,
              identities=identities, rb_guidance=RBGuidanceConfig(cuda_graph=True))
+
+
+@pytest.mark.parametrize("arch_name", ["sd15", "sdxl"])
+def test_call_keeps_diffusers_controlnet_signature_and_optional_components(arch_name):
+    import inspect
+
+    ours = inspect.signature(OURS[arch_name].__call__).parameters
+    theirs = inspect.signature(THEIRS[arch_name].__call__).parameters
+    theirs_names = [name for name in theirs if name != "kwargs"]
+    assert list(ours)[: len(theirs_names)] == theirs_names
+    assert all(ours[name].default == theirs[name].default for name in theirs_names)
+    assert list(ours)[len(theirs_names):] == ["identities", "rb_guidance"]
+    assert OURS[arch_name]._optional_components == [*THEIRS[arch_name]._optional_components, "pivot_encoder"]
+
+
+def test_from_pipe_both_ways_and_the_tuple_output(arch):
+    ours = build_controlnet(arch)
+    theirs = THEIRS[arch].from_pipe(ours)
+    back = OURS[arch].from_pipe(theirs)
+    assert back.controlnet is ours.controlnet and back.unet is ours.unet and back.pivot_encoder is None
+    result = ours(PROMPT, image=control_image(), num_inference_steps=2, output_type="np", return_dict=False)
+    assert isinstance(result, tuple) and result[0].shape == (1, 64, 64, 3)  # the size of the control image
