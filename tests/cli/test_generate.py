@@ -171,3 +171,19 @@ def test_a_run_that_ran_out_of_memory_records_what_it_fell_back_to(monkeypatch, 
     assert "--rb-feature-pass" in reproduce and "--banded-decode" in reproduce
     assert main(reproduce[1:-2] + ["--out", str(again)]) == 0  # what ran, without running out of memory
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_the_sidecar_holds_each_guided_step_s_calibration_and_a_summary_line_is_printed(tmp_path, astronaut_path,
+                                                                                         capsys):
+    import json
+
+    from omniportrait.cli import main
+
+    out = tmp_path / "out.png"
+    assert main(["generate", "--preset", "tiny-sd15", "--reference", astronaut_path, "--prompt", "a woman",
+                 "--steps", "4", "--dift-ensemble", "1", "--rb-start", "1", "--rb-strength-per-point",
+                 "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert len(meta["calibration"]) == 4 and meta["rb_guidance"]["strength_per_point"] is True
+    assert "--rb-strength-per-point" in meta["reproduce"]
+    assert "RB-Guidance (p=8.5, 4 gradient steps): identity 0: match" in capsys.readouterr().err

@@ -225,3 +225,30 @@ def test_without_cfg_the_guidance_runs_on_the_one_conditional_pass(feature_pass,
     guided = images(feature_pass=feature_pass)
     assert guided.guidance.record.guided_steps == 4 and guided.guidance.record.gen_masks.shape[0] == 1
     assert np.abs(guided.images - images(enabled=False).images).max() > 1e-3
+
+
+def test_each_gradient_step_reports_its_calibration_numbers(tiny_pipe, astronaut_reference):
+    out = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(strength=5000.0, start=1.0))
+    steps = out.calibration()
+    assert len(steps) == out.guidance.record.guided_steps == 6
+    for step in steps:
+        (row,) = step["identities"]
+        assert 0.0 <= row["mean_similarity"] <= 1.0 and row["ref_mask_points"] >= 1
+        assert 0 <= row["gen_mask_points"] <= out.guidance.record.feature_size[0] * out.guidance.record.feature_size[1]
+        assert row["gradient_to_noise"] > 0
+    reference = out.guidance.references[0]
+    assert steps[0]["identities"][0]["ref_mask_points"] == int(reference.mask.sum())
+    assert [step["timestep"] for step in steps] == sorted((step["timestep"] for step in steps), reverse=True)
+
+
+def test_the_gradient_to_noise_ratio_grows_with_the_strength_and_per_point_scales_it_by_the_mask(
+        tiny_pipe, astronaut_reference):
+    def first_ratio(**config):
+        out = run(tiny_pipe, astronaut_reference, rb_guidance=RBGuidanceConfig(start=1.0, **config))
+        return out.calibration()[0]["identities"][0]
+
+    low, high = first_ratio(strength=10.0), first_ratio(strength=1000.0)
+    assert high["gradient_to_noise"] == pytest.approx(100 * low["gradient_to_noise"], rel=1e-3)
+    per_point = first_ratio(strength=10.0, strength_per_point=True)
+    assert per_point["gradient_to_noise"] == pytest.approx(low["gradient_to_noise"] * low["ref_mask_points"],
+                                                           rel=1e-3)

@@ -31,6 +31,7 @@ from omniportrait.cli.args import (
 )
 from omniportrait.errors import ClassWordError, ConfigError, OutOfMemoryError
 from omniportrait.files import write_json_atomic
+from omniportrait.guidance.calibration import calibration_line
 from omniportrait.guidance.config import FEATURE_PASSES, RECOMPUTES, RBGuidanceConfig
 from omniportrait.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
@@ -116,6 +117,9 @@ def add_guidance_arguments(p) -> None:
     g = p.add_argument_group("Reference-Based Guidance (paper §3.3)")
     g.add_argument("--no-rb", action="store_true", help="turn RB-Guidance off (Pivot ID Encoder only)")
     g.add_argument("--rb-strength", type=number(RB_STRENGTH), default=d.strength, help="p of E = p/(1+S), eq. 10")
+    g.add_argument("--rb-strength-per-point", action="store_true",
+                   help="E = p*|M_ref|/(1+S) instead of eq. 10: the same p pulls alike at every feature-map size "
+                        "(a deviation from the paper; docs/guidance.md)")
     g.add_argument("--rb-start", type=number(RB_START), default=d.start, help="u: guide steps with t <= u*T, eq. 11")
     g.add_argument("--ref-timestep", type=number(REF_TIMESTEP), default=d.ref_timestep, help="t0 of the reference features")
     g.add_argument("--dift-ensemble", type=number(DIFT_ENSEMBLE), default=d.dift_ensemble, help="K noises for reference features")
@@ -138,7 +142,8 @@ def add_guidance_arguments(p) -> None:
 
 def guidance_config(args) -> RBGuidanceConfig:
     return RBGuidanceConfig(
-        enabled=not args.no_rb, strength=args.rb_strength, start=args.rb_start, ref_timestep=args.ref_timestep,
+        enabled=not args.no_rb, strength=args.rb_strength, strength_per_point=args.rb_strength_per_point,
+        start=args.rb_start, ref_timestep=args.ref_timestep,
         dift_ensemble=args.dift_ensemble, dift_block=args.dift_block, reduction=args.rb_reduction,
         mask_iterations=args.mask_iterations, mask_power=args.mask_power, mask_threshold=args.mask_threshold,
         background_masking=not args.no_background_mask, feature_pass=args.rb_feature_pass,
@@ -262,7 +267,7 @@ def similarities(identities: list[Identity], image) -> list[tuple[float | None, 
 
 
 def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], seed: int, index: int,
-            elapsed: float, sims: list[float | None], plugins: dict) -> dict:
+            elapsed: float, sims: list[float | None], plugins: dict, calibration: list[dict]) -> dict:
     from dataclasses import asdict
 
     return {
@@ -284,6 +289,7 @@ def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], see
             for item, source, (sim, why) in zip(identities, sources, sims)
         ],
         "plugins": plugins,
+        "calibration": calibration,
         "reproduce": reproduce_command(args, seed),
         "versions": package_versions(),
         "elapsed_s": round(elapsed, 3),
@@ -323,6 +329,8 @@ def asdict_flags(args) -> dict:
         flags["--no-rb"] = True
     if not chosen.background_masking:
         flags["--no-background-mask"] = True
+    if chosen.strength_per_point:
+        flags["--rb-strength-per-point"] = True
     if chosen.cuda_graph is not None:  # asked for; left to us, the machine that reproduces decides
         flags["--rb-cuda-graph" if chosen.cuda_graph else "--no-rb-cuda-graph"] = True
     return flags
@@ -450,15 +458,18 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     record_what_ran(args, output)
     plugins = plugins_record(args.plugins)
+    calibration = output.calibration()
     for index, (image, path, seed) in enumerate(zip(output.images, paths, seeds)):
         path.parent.mkdir(parents=True, exist_ok=True)
         sims = similarities(identities, image)
         save_image_atomic(image, path)
         write_json_atomic(path.with_suffix(".json"),
-                          sidecar(args, pipe, identities, sources, seed, index, elapsed, sims, plugins))
+                          sidecar(args, pipe, identities, sources, seed, index, elapsed, sims, plugins, calibration))
         print(f"wrote {path} ({image.width}x{image.height}) and {path.with_suffix('.json').name}", file=sys.stderr)
         for item, (sim, why) in zip(identities, sims):
             print(sim_line(item, sim, why), file=sys.stderr)
+    if output.guidance is not None:
+        print(calibration_line(calibration, rb_config.strength), file=sys.stderr)
     save_control_images(args.plugins)
     if args.save_masks and output.guidance is not None:
         from omniportrait.guidance.visualize import save_guidance_pictures

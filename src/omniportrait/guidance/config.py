@@ -21,6 +21,11 @@ class RBGuidanceConfig:
         ref_timestep: ``t0``, noise level of the reference features.
         dift_ensemble: ``K`` seeded noises averaged for the reference features.
         dift_block: UNet ``up_blocks`` index whose output is the feature map (None: SD1.5 1, SDXL 0).
+        strength_per_point: a deviation from eq. 10, off by default: ``E = p·|M_ref| / (1 + S)``. With eq. 8's sum,
+            ``|∇E| ≈ p/(1+S)²·|∇S|`` shrinks about as ``1/|M_ref|``, so the same ``p`` pulls about 4× less on
+            SDXL's 64×64 feature map than on SD1.5's 32×32; scaling ``p`` by ``|M_ref|`` makes it about the same at
+            every size and face size (``p`` is then per reference point: start near ``8.5 / |M_ref|`` of the size
+            the paper's ``p`` was set for).
         reduction: ``sum`` over reference points (eq. 8) or ``mean`` (S divided by ``|M_ref|``: the gradient of E then
             grows, by about ``|M_ref|·s²/(1+s)²`` for a mean match score ``s``).
         mask_iterations / mask_power / mask_threshold: ``γ``, ``α``, ``β`` of the regional mask (eq. 6).
@@ -49,6 +54,7 @@ class RBGuidanceConfig:
 
     enabled: bool = True
     strength: float = 8.5
+    strength_per_point: bool = False
     start: float = 0.6
     ref_timestep: int = 671
     dift_ensemble: int = 8

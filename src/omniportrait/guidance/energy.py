@@ -15,11 +15,17 @@ class Correspondence:
     similarity: torch.Tensor
     nearest: torch.Tensor  # flat index into the generated map, one per point of the reference map
     reference_mask: torch.Tensor  # flat boolean mask of the reference points that count
+    generated_mask: torch.Tensor  # flat boolean mask of the generated points they may match (M_gen)
 
     @property
     def reference_points(self) -> torch.Tensor:
         """Flat indices of the reference points inside ``M_ref``."""
         return self.reference_mask.nonzero().flatten()
+
+    @property
+    def generated_points(self) -> torch.Tensor:
+        """``|M_gen|``: the generated points the reference points could match."""
+        return self.generated_mask.sum()
 
     @property
     def matches(self) -> torch.Tensor:
@@ -45,7 +51,7 @@ def match_features(generated: torch.Tensor, gen_mask: torch.Tensor, reference: t
         nearest = (ref.T @ gen).masked_fill(~gen_inside, float("-inf")).argmax(dim=1)
     scores = ((gen[:, nearest] * ref).sum(0) + 1) / 2 * (ref_inside & gen_inside.any())
     similarity = scores.sum() if reduction == "sum" else scores.sum() / ref_inside.sum().clamp_min(1)
-    return Correspondence(similarity, nearest, ref_inside)
+    return Correspondence(similarity, nearest, ref_inside, gen_inside)
 
 
 def energy(similarity: torch.Tensor, strength: float) -> torch.Tensor:

@@ -24,6 +24,7 @@ from omniportrait.attention import (
     keeps_rows_apart,
     record_attention,
 )
+from omniportrait.guidance.calibration import CALIBRATION_FIELDS
 from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK, RBGuidanceConfig
 from omniportrait.guidance.energy import Correspondence, background_masked, energy, match_features
 from omniportrait.guidance.features import capture_features, features_only, noisy_reference_latents
@@ -66,6 +67,15 @@ class StepRecord:
     nonfinite: torch.Tensor | None = None
     energies: list[torch.Tensor] = field(default_factory=list)
     gradients: list[torch.Tensor] = field(default_factory=list)
+    step_stats: torch.Tensor | None = None  # the last guided step's CALIBRATION_FIELDS per identity, written in place
+    calibration: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # (t, copy of step_stats) per step
+
+    def write_step_stats(self, stats: torch.Tensor) -> None:
+        """Keep this step's statistics in a tensor updated in place (a replayed CUDA graph writes the same one)."""
+        if self.step_stats is None or self.step_stats.shape != stats.shape:
+            self.step_stats = stats.clone()
+        else:
+            self.step_stats.copy_(stats)
 
     def count_nonfinite(self, finite: torch.Tensor) -> None:
         if self.nonfinite is None:
@@ -86,9 +96,11 @@ class StepRecord:
         """This record with its own copies of the last step's tensors (a replayed CUDA graph's outputs live in the
         graph's memory pool, which is freed only once nothing refers to it)."""
         correspondences = [[replace(c, similarity=c.similarity.clone(), nearest=c.nearest.clone(),
-                                    reference_mask=c.reference_mask.clone()) for c in per_image]
+                                    reference_mask=c.reference_mask.clone(), generated_mask=c.generated_mask.clone())
+                            for c in per_image]
                            for per_image in self.correspondences]
         return replace(self, gen_masks=None if self.gen_masks is None else self.gen_masks.clone(),
+                       step_stats=None if self.step_stats is None else self.step_stats.clone(),
                        correspondences=correspondences, energies=[e.clone() for e in self.energies],
                        gradients=[g.clone() for g in self.gradients])
 
@@ -169,6 +181,7 @@ class ReferenceGuidance:
             self.record.reused_steps += 1
             return guided_noise(self.steps.plain(latents, t, cond, guidance_scale), self.last_gradient)
         noise, self.last_gradient = self.noise_and_gradient(latents, t, cond, guidance_scale)
+        self.record.calibration.append((self.host_timestep(t, step_index), self.record.step_stats.clone()))
         return guided_noise(noise, self.last_gradient)
 
     def host_timestep(self, t, step_index: int) -> float:
@@ -234,6 +247,7 @@ class ReferenceGuidance:
             noise, features = passes[self.config.feature_pass](latents, t, cond, guidance_scale)
             masks = self.generated_masks() if masks is None else masks
             gradient = self.energy_gradient(latents, features, masks)
+        self.record_step_stats(noise.detach())
         return noise.detach(), gradient
 
     def gate_rows(self, cond) -> slice | None:
@@ -284,6 +298,38 @@ class ReferenceGuidance:
         c = self.config
         return regional_mask(mean_maps, self.store.self_qk, c.mask_iterations, c.mask_power, c.mask_threshold)
 
+    def record_step_stats(self, noise: torch.Tensor) -> None:
+        """Per identity, :data:`CALIBRATION_FIELDS` of this step: ``S/|M_ref|`` (the mean match score in [0, 1]),
+        ``|M_gen|`` and ``|M_ref|`` (points of the feature map, ``|M_gen|`` averaged over the images), and
+        ``‖M_gen ⊙ ∇E‖ / ‖ε_cfg‖``, how far the guidance moves the noise relative to the noise itself."""
+        noise_norm = noise.float().norm().clamp_min(1e-12)
+        rows = []
+        for correspondences, gradient, reference in zip(self.record.correspondences, self.record.gradients,
+                                                        self.references):
+            ref_points = reference.mask.sum().float()
+            means = [c.similarity / ref_points.clamp_min(1) if self.config.reduction == "sum" else c.similarity
+                     for c in correspondences]
+            gen_points = torch.stack([c.generated_points for c in correspondences]).float().mean()
+            rows.append(torch.stack([torch.stack(means).mean().detach().float(), gen_points, ref_points,
+                                     gradient.norm() / noise_norm]))
+        self.record.write_step_stats(torch.stack(rows))
+
+    def calibration(self) -> list[dict]:
+        """The statistics of every guided step that computed a gradient (:meth:`record_step_stats`), as numbers."""
+        steps = []
+        for timestep, stats in self.record.calibration:
+            identities = [dict(zip(CALIBRATION_FIELDS, (float(f"{value:.6g}") for value in row)))
+                          for row in stats.tolist()]
+            steps.append({"timestep": timestep, "identities": identities})
+        return steps
+
+    def energy_strength(self, reference: ReferenceFeatures) -> torch.Tensor | float:
+        """``p`` of eq. 10, or with ``strength_per_point`` ``p·|M_ref|`` (a deviation from the paper: the same ``p``
+        then pulls alike at every feature-map size, see :class:`RBGuidanceConfig`)."""
+        if not self.config.strength_per_point:
+            return self.config.strength
+        return self.config.strength * reference.mask.sum().float()
+
     def energy_gradient(self, latents, features, masks) -> torch.Tensor:
         """``Σ_i M_gen,i ⊙ ∇_{z_t} E_i`` (eqs. 7-10); zero if not finite (counted, see :meth:`finish`)."""
         feature_masks = resize_mask(masks, tuple(features.shape[-2:]))
@@ -294,7 +340,8 @@ class ReferenceGuidance:
         for index, reference in enumerate(self.references):
             per_image = [match_features(features[b], feature_masks[b, index], reference.features, reference.mask,
                                         self.config.reduction) for b in range(features.shape[0])]
-            identity_energy = sum(energy(c.similarity, self.config.strength) for c in per_image)
+            strength = self.energy_strength(reference)
+            identity_energy = sum(energy(c.similarity, strength) for c in per_image)
             last = index == len(self.references) - 1
             gradient, = torch.autograd.grad(identity_energy * scale, latents, retain_graph=not last)
             gradient = gradient.float() / scale

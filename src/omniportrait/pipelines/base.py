@@ -49,6 +49,10 @@ class OmniPortraitOutput(BaseOutput):
     decoded_in_bands: bool = False
     decode_ran_out_of_memory: bool = False
 
+    def calibration(self) -> list[dict]:
+        """Per guided step, what the guidance did (:mod:`omniportrait.guidance.calibration`); empty when it was off."""
+        return self.guidance.calibration() if self.guidance is not None else []
+
     def memory_fallbacks(self) -> list[str]:
         """What this call went on with after running out of GPU memory, in words: "the split feature pass", "eager
         steps" (instead of CUDA graphs), "a banded decode"."""
