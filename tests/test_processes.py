@@ -46,7 +46,7 @@ def seconds_until_gone(pids: list[int], deadline: float = DEADLINE_S) -> float:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("kind", ["pool", "dataloader"])
+@pytest.mark.parametrize("kind", ["pool", "dataloader", "ray"])
 def test_workers_exit_when_their_parent_is_killed(kind):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     process = subprocess.Popen([sys.executable, "-m", "tests._orphans", kind, "2"], cwd=ROOT, env=env,

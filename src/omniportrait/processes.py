@@ -50,3 +50,66 @@ def die_with_parent(parent: int, *_ignored) -> None:
     if os.getppid() != parent:
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent,), name="omniportrait-parent-watch", daemon=True).start()
+
+
+def _state_and_start(pid: int) -> tuple[str, str] | None:
+    """The process's state and start time (clock ticks since boot) from ``/proc``; None if it is gone."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], fields[19]
+
+
+def _running(pid: int) -> bool:
+    found = _state_and_start(pid)
+    return found is not None and found[0] not in ("Z", "X")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def reap_when_gone(parent: int, pids: list[int]):
+    """Start a watcher, in a session of its own, that kills ``pids`` once ``parent`` is gone.
+
+    For processes the parent did not start itself and so cannot make die with it: a local Ray instance's GCS,
+    raylet and agents (Ray stops its workers when the driver dies, but its agents live on, adopted by init). Each pid
+    is killed only if it is still the process that was running when the watcher started (same start time)."""
+    import subprocess
+
+    known = [f"{pid}:{found[1]}" for pid in pids if (found := _state_and_start(pid)) is not None]
+    return subprocess.Popen([sys.executable, "-m", "omniportrait.processes", str(parent), *known],
+                            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _reap(parent: int, known: list[str]) -> None:
+    while _running(parent):
+        time.sleep(PARENT_POLL_S / 4)
+    for item in known:
+        pid, start = item.split(":")
+        found = _state_and_start(int(pid))
+        if found is not None and found[1] == start:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+if __name__ == "__main__":
+    _reap(int(sys.argv[1]), sys.argv[2:])

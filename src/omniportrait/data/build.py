@@ -636,8 +636,7 @@ def _run_on_ray(tasks: list[ShardTask], config: BuildConfig, on_done: Callable[[
     except ImportError as err:
         raise MissingDependencyError(f"--ray needs Ray ({err}); pip install 'omniportrait[dataset]'") from err
     started_here = not ray.is_initialized()
-    if started_here:
-        _init_ray(ray, config)
+    reaper = _init_ray(ray, config) if started_here else None
     try:
         remote = ray.remote(num_cpus=1, max_retries=2)(process_shard)
         pending = [remote.remote(task) for task in tasks]
@@ -647,17 +646,25 @@ def _run_on_ray(tasks: list[ShardTask], config: BuildConfig, on_done: Callable[[
     finally:
         if started_here:
             ray.shutdown()
+        if reaper is not None:
+            reaper.kill()
+            reaper.wait()
 
 
-def _init_ray(ray, config: BuildConfig) -> None:
-    """Connect to the cluster at ``config.ray_address`` or start a local instance for ``local``."""
+def _init_ray(ray, config: BuildConfig):
+    """Connect to the cluster at ``config.ray_address`` or start a local instance for ``local``; for a local
+    instance, return the watcher that stops its processes if this one is killed
+    (:func:`~omniportrait.processes.reap_when_gone`)."""
+    from omniportrait.processes import descendants, reap_when_gone
+
     address = config.ray_address
     try:
         if address == "local":
             ray.init(num_cpus=config.workers or None, include_dashboard=False, log_to_driver=False)
-            return
+            return reap_when_gone(os.getpid(), descendants(os.getpid()))
         _check_reachable(address)
         ray.init(address=address, log_to_driver=False)
+        return None
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise ConfigError(
             f"cannot connect to Ray at '{address}' ({err}); start it with 'ray start --head' or pass --ray local"
