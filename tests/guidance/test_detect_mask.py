@@ -18,6 +18,7 @@ from omniportrait.guidance.steps import StepRunner
 from omniportrait.models.pivot_encoder import PivotIDEncoder
 from omniportrait.models.tiny import tiny_pivot_encoder
 from omniportrait.pipelines import Identity
+from omniportrait.pipelines.plugins import load_tiny_ip_adapter
 from omniportrait.pipelines.schedulers import make_scheduler
 from tests.conftest import build
 from tests.guidance.test_graph import EmulatedGraphs
@@ -171,6 +172,31 @@ def test_replayed_guided_steps_read_the_detected_masks_updated_in_place(monkeypa
     assert EmulatedGraphs.calls["capture"] == 2  # plain and guided once: a new detection recaptures nothing
     assert np.abs(graphed.images - eager.images).max() < 1e-5
     assert torch.equal(graphed.guidance.record.gen_masks, eager.guidance.record.gen_masks)
+
+
+def test_an_ip_adapter_pivot_takes_each_identitys_face_crop_and_each_gets_its_detected_face(monkeypatch,
+                                                                                               astronaut_reference):
+    pipe = build("sd15", with_pie=False)
+    load_tiny_ip_adapter(pipe)
+    given = []
+    prepare = pipe.prepare_ip_adapter_image_embeds
+
+    def spy(image, *args):
+        given.append(image)
+        return prepare(image, *args)
+
+    monkeypatch.setattr(pipe, "prepare_ip_adapter_image_embeds", spy)
+    monkeypatch.setattr(pipe, "decode", lambda latents, output_type, generator=None: [
+        side_by_side(astronaut_reference.image)])
+    out = generate(pipe, astronaut_reference, "a man and a woman", ("man", "woman"), width=128)
+    crops = given[0][0]
+    assert len(given[0]) == 1 and len(crops) == 2  # one adapter, one image per identity
+    assert np.array_equal(np.asarray(crops[1]), np.asarray(astronaut_reference.aligned(224).image))
+    source, masks = out.guidance.mask_source, out.guidance.record.gen_masks
+    assert source.source == "detect" and source.reason.startswith("auto: no pivot encoder")
+    assert masks[0, 0].any() and masks[0, 1].any() and not (masks[0, 0] & masks[0, 1]).any()
+    halves = [masks[0, :, :, :32].any(dim=(1, 2)), masks[0, :, :, 32:].any(dim=(1, 2))]
+    assert halves[0].sum() == 1 and halves[1].sum() == 1  # each face to one identity
 
 
 FAST = ["generate", "--preset", "tiny-sd15", "--steps", "4", "--dift-ensemble", "2", "--prompt", "a woman"]
