@@ -191,7 +191,8 @@ def test_a_lora_path_with_colons_is_read_from_the_right(tmp_path):
 
 
 def test_an_ip_adapter_needs_an_image_or_identities():
-    args = argparse.Namespace(ip_adapter="tiny", ip_adapter_scale=None, ip_adapter_image=None, reference=[], identity=[])
+    args = argparse.Namespace(ip_adapter="tiny", ip_adapter_scale=None, ip_adapter_image=None, reference=[],
+                              identity=[])
     with pytest.raises(ConfigError, match="--ip-adapter needs --ip-adapter-image IMG, .* or identities"):
         ip_adapter_from_args(args)
     args.reference = ["a.png"]

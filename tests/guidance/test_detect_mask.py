@@ -130,7 +130,8 @@ def test_auto_detects_unless_the_pivot_encoder_was_trained_with_the_localization
     encoder.register_to_config(trained_with_localization_loss=True)
     encoder.save_pretrained(str(tmp_path / "pie"))
     trained = PivotIDEncoder.from_pretrained(str(tmp_path / "pie"))
-    assert chosen_source("auto", trained) == ("attention", "auto: the pivot encoder was trained with the localization loss")
+    assert chosen_source("auto", trained) == ("attention",
+                                              "auto: the pivot encoder was trained with the localization loss")
     decodes = decoded_as(astronaut_reference.image)
     monkeypatch.setattr(tiny_pipe, "pivot_encoder", trained)
     out = generate(tiny_pipe, astronaut_reference)
