@@ -145,6 +145,10 @@ class AttentionStore:
             self._total.copy_(state[0])
             self._calls.copy_(state[1])
 
+    def running_mean(self) -> torch.Tensor | None:
+        """The running mean of the maps over the calls so far, without adding to it; None before the first call."""
+        return None if self._total is None else self._total / self._calls
+
     def accumulate(self) -> torch.Tensor:
         """Add this call's maps to the running mean over calls (steps) and return that mean.
 

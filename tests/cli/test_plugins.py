@@ -1,5 +1,6 @@
 """``omniportrait generate`` with plug-ins on the tiny presets: ControlNets, an IP-Adapter, LoRAs (offline, CPU)."""
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -10,12 +11,15 @@ import torch
 from PIL import Image
 
 from omniportrait.cli import main
+from omniportrait.cli.plugins import IDENTITY_CROPS, ip_adapter_from_args
 from omniportrait.errors import ConfigError
 from omniportrait.pipelines.plugins import (
     DEFAULT_CONTROLNETS,
     ControlNetChoice,
+    IPAdapterSpec,
     controlnet_source,
     hub_ip_adapter,
+    image_encoder_folder,
     parse_lora,
     source_kind,
 )
@@ -155,7 +159,6 @@ def no_loading(monkeypatch):
     (["--control", "image:{astronaut}"], "has no default ControlNet"),
     (["--control", "pose:{astronaut}", "--controlnet", "canny=tiny"], "names a kind no --control uses"),
     (["--save-control", "{tmp}/controls"], "--save-control writes the control images"),
-    (["--ip-adapter", "tiny", "--no-rb"], "--ip-adapter needs --ip-adapter-image"),
     (["--ip-adapter-scale", "0.5"], "--ip-adapter-scale needs --ip-adapter"),
     (["--lora", "{tmp}/x.safetensors:0.5"], "does not exist"),
 ])
@@ -185,6 +188,34 @@ def test_a_lora_path_with_colons_is_read_from_the_right(tmp_path):
     lora = write_tiny_lora(tmp_path / "a:b.safetensors")
     assert parse_lora(str(lora)).scale == 1.0 and parse_lora(str(lora)).path == lora
     assert parse_lora(f"{lora}:0.25").scale == 0.25
+
+
+def test_an_ip_adapter_needs_an_image_or_identities():
+    args = argparse.Namespace(ip_adapter="tiny", ip_adapter_scale=None, ip_adapter_image=None, reference=[],
+                              identity=[])
+    with pytest.raises(ConfigError, match="--ip-adapter needs --ip-adapter-image IMG, .* or identities"):
+        ip_adapter_from_args(args)
+    args.reference = ["a.png"]
+    assert ip_adapter_from_args(args) == IPAdapterSpec("tiny", 1.0, None)
+
+
+def test_the_identities_face_crops_are_the_ip_adapters_images_under_rb_guidance(tmp_path, astronaut_path):
+    pivot, plain = tmp_path / "pivot.png", tmp_path / "plain.png"
+    assert generate(astronaut_path, pivot, "--ip-adapter", "tiny", "--rb-start", "1") == 0
+    assert generate(astronaut_path, plain, "--rb-start", "1") == 0
+    meta = sidecar(pivot)
+    adapter = meta["plugins"]["ip_adapter"]
+    assert adapter["image"] == IDENTITY_CROPS and adapter["image_sha256"] is None
+    assert "--ip-adapter-image" not in meta["reproduce"] and "--ip-adapter" in meta["reproduce"]
+    assert meta["rb_guidance"]["mask_source"] == "attention" and "detect: no face found" in meta["rb_guidance"][
+        "mask_reason"]
+    assert np.abs(pixels(pivot) - pixels(plain)).max() > 0
+
+
+def test_hub_vit_h_adapters_take_the_vit_h_image_encoder():
+    assert image_encoder_folder("hub", "ip-adapter-plus-face_sdxl_vit-h.safetensors") == "models/image_encoder"
+    assert image_encoder_folder("hub", "ip-adapter-plus-face_sd15.safetensors") == "image_encoder"
+    assert image_encoder_folder("file", "ip-adapter-plus-face_sdxl_vit-h.safetensors") == "image_encoder"
 
 
 def test_tiny_ip_adapter_with_rb_guidance_on(tmp_path, astronaut_path):

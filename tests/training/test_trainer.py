@@ -151,6 +151,7 @@ def test_a_run_writes_checkpoints_logs_samples_and_the_pie(finished_run):
     assert not list((output / "checkpoints").glob(".tmp-*"))
     final = PivotIDEncoder.from_pretrained(str(result.pivot_encoder))
     saved = PivotIDEncoder.from_pretrained(str(checkpoint / "pivot_encoder"))
+    assert final.config.trained_with_localization_loss is True  # eta > 0: read by the auto mask source
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), saved.state_dict().values()))
     sorted_samples = sorted(p.relative_to(output / "samples").as_posix() for p in (output / "samples").rglob("*.png"))
     assert sorted_samples == [f"step-{s}/{i}.png" for s in (2, 4) for i in range(3)]

@@ -32,7 +32,7 @@ from omniportrait.cli.args import (
 from omniportrait.errors import ClassWordError, ConfigError, OutOfMemoryError
 from omniportrait.files import write_json_atomic
 from omniportrait.guidance.calibration import calibration_line
-from omniportrait.guidance.config import FEATURE_PASSES, RECOMPUTES, RBGuidanceConfig
+from omniportrait.guidance.config import FEATURE_PASSES, MASK_SOURCES, RECOMPUTES, RBGuidanceConfig
 from omniportrait.identity import Identity
 from omniportrait.pipelines.loading import PRESETS
 from omniportrait.pipelines.plugins import file_sha256
@@ -51,6 +51,7 @@ MASK_ITERATIONS = Range(0, 100, integer=True)
 MASK_POWER = Range(0, 100, low_open=True)
 MASK_THRESHOLD = Range(0, 1)
 RB_INTERVAL = Range(1, 1000, integer=True)
+RB_REDETECT = Range(0, 1000, integer=True, note="0 never detects again")
 
 # Flags that change what a generation costs, not the image it draws (up to rounding); evaluate takes them too.
 COST_FLAGS = {
@@ -128,6 +129,13 @@ def add_guidance_arguments(p) -> None:
     g.add_argument("--mask-iterations", type=number(MASK_ITERATIONS), default=d.mask_iterations, help="gamma of eq. 6")
     g.add_argument("--mask-power", type=number(MASK_POWER), default=d.mask_power, help="alpha of eq. 6")
     g.add_argument("--mask-threshold", type=number(MASK_THRESHOLD), default=d.mask_threshold, help="beta of eq. 6")
+    g.add_argument("--rb-mask", default=d.mask, type=choice_of(MASK_SOURCES, "mask source"),
+                   help="where M_gen comes from: attention (eq. 6), detect (face ovals found in the decoded x0 "
+                        "of the first guided step, assigned by attention mass; the attention mask where none is "
+                        "found) or auto (default: attention with a pivot encoder trained with the localization "
+                        "loss, detect otherwise)")
+    g.add_argument("--rb-redetect-every", type=number(RB_REDETECT), default=d.redetect_every, metavar="N",
+                   help="with detected masks, detect again every N-th guided step (default 0: never)")
     g.add_argument("--no-background-mask", action="store_true", help="do not mask the gradient by M_gen (eq. 9)")
     g.add_argument("--rb-feature-pass", choices=FEATURE_PASSES, default=d.feature_pass,
                    help="cfg: features from the batched CFG pass with grad; split: CFG as an unconditional pass "
@@ -148,6 +156,7 @@ def guidance_config(args) -> RBGuidanceConfig:
         mask_iterations=args.mask_iterations, mask_power=args.mask_power, mask_threshold=args.mask_threshold,
         background_masking=not args.no_background_mask, feature_pass=args.rb_feature_pass,
         recompute=args.rb_recompute, gradient_interval=args.rb_interval, cuda_graph=args.rb_cuda_graph,
+        mask=args.rb_mask, redetect_every=args.rb_redetect_every,
     )
 
 
@@ -271,7 +280,7 @@ def sidecar(args, pipe, identities: list[Identity], sources: list[Identity], see
     from dataclasses import asdict
 
     return {
-        "rb_guidance": asdict(guidance_config(args)),
+        "rb_guidance": {**asdict(guidance_config(args)), **args.rb_mask_ran},
         "parameters": {
             "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
             "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height,
@@ -322,7 +331,8 @@ def asdict_flags(args) -> dict:
              "dift_ensemble": "--dift-ensemble", "dift_block": "--dift-block", "reduction": "--rb-reduction",
              "mask_iterations": "--mask-iterations", "mask_power": "--mask-power",
              "mask_threshold": "--mask-threshold", "feature_pass": "--rb-feature-pass",
-             "recompute": "--rb-recompute", "gradient_interval": "--rb-interval"}
+             "recompute": "--rb-recompute", "gradient_interval": "--rb-interval", "mask": "--rb-mask",
+             "redetect_every": "--rb-redetect-every"}
     flags = {flag: getattr(chosen, name) for name, flag in names.items()
              if getattr(chosen, name) != getattr(defaults, name)}
     if not chosen.enabled:
@@ -349,16 +359,22 @@ def out_of_memory_message(args, config: RBGuidanceConfig) -> str:
     return "the GPU ran out of memory; try " + "; or ".join(advice)
 
 
+NO_MASK_RAN = {"mask_source": None, "mask_reason": "RB-Guidance did not run", "mask_detections": 0}
+
+
 def record_what_ran(args, output) -> None:
     """The options that ran, for the sidecar and its reproduce line: a run that ran out of GPU memory went on with
     the split feature pass, eager steps, or decoded in bands (each with a warning); whether the steps ran as CUDA
-    graphs and the decode in bands (the sidecar's ``cuda_graph`` and ``banded_decode``)."""
+    graphs and the decode in bands (the sidecar's ``cuda_graph`` and ``banded_decode``); which mask source ran and
+    why (the sidecar's ``rb_guidance.mask_source`` and ``mask_reason``, DESIGN §2)."""
     args.banded_decode_ran = output.decoded_in_bands
     if output.decode_ran_out_of_memory:
         args.banded_decode = True
     args.cuda_graph_ran = output.guidance is not None and output.guidance.config.cuda_graph
+    args.rb_mask_ran = NO_MASK_RAN
     if output.guidance is not None:
         args.rb_feature_pass = output.guidance.config.feature_pass
+        args.rb_mask_ran = output.guidance.mask_source.record()
 
 
 def check_before_loading(args) -> list[Path]:

@@ -83,18 +83,19 @@ class PluginRequest:
 
 
 def ip_adapter_from_args(args) -> IPAdapterSpec | None:
-    """The IP-Adapter asked for; its scale and image without an adapter are refused, as is an adapter without
-    its image (using the identity's face crop belongs to a later issue) or with RB-Guidance on."""
+    """The IP-Adapter asked for; its scale and image without an adapter are refused, as is an adapter with neither
+    an image nor identities (without ``--ip-adapter-image`` each identity's aligned face crop is its image)."""
     if args.ip_adapter is None:
         for flag, value in (("--ip-adapter-scale", args.ip_adapter_scale), ("--ip-adapter-image",
                                                                             args.ip_adapter_image)):
             if value is not None:
                 raise ConfigError(f"{flag} needs --ip-adapter HUB_ID_OR_FILE")
         return None
-    if args.ip_adapter_image is None:
-        raise ConfigError("--ip-adapter needs --ip-adapter-image IMG, the image prompt")
+    if args.ip_adapter_image is None and not (args.reference or args.identity):
+        raise ConfigError("--ip-adapter needs --ip-adapter-image IMG, the image prompt, or identities (--reference, "
+                          "--identity) whose face crops become its images")
     scale = 1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale
-    return IPAdapterSpec(args.ip_adapter, scale, Path(args.ip_adapter_image))
+    return IPAdapterSpec(args.ip_adapter, scale, None if args.ip_adapter_image is None else Path(args.ip_adapter_image))
 
 
 def plugin_request(args, arch: str, tiny: bool) -> PluginRequest:
@@ -140,7 +141,7 @@ def call_arguments(request: PluginRequest) -> dict:
         arguments["image"] = request.control_images if several else request.control_images[0]
         scales = [spec.scale for spec in request.controls]
         arguments["controlnet_conditioning_scale"] = scales if several else scales[0]
-    if request.ip_adapter is not None:
+    if request.ip_adapter is not None and request.ip_adapter.image is not None:
         arguments["ip_adapter_image"] = load_image(request.ip_adapter.image)
     return arguments
 
@@ -157,6 +158,9 @@ def save_control_images(request: PluginRequest) -> None:
     print(f"wrote {len(request.controls)} control image(s) to {folder}", file=sys.stderr)
 
 
+IDENTITY_CROPS = "identities' aligned face crops"  # the sidecar's adapter image when none was given
+
+
 def model_record(source: str) -> dict:
     """A plug-in model as the sidecar names it: its source and, for a local file, its SHA-256."""
     return {"source": source, "sha256": None if source == TINY else file_sha256(source)}
@@ -170,8 +174,9 @@ def plugins_record(request: PluginRequest) -> dict:
                       "scale": spec.scale, "controlnet": model_record(source)}
                      for spec, source in zip(request.controls, request.controlnet_sources)],
         "ip_adapter": None if adapter is None else {
-            **model_record(adapter.source), "scale": adapter.scale, "image": str(adapter.image),
-            "image_sha256": file_sha256(adapter.image)},
+            **model_record(adapter.source), "scale": adapter.scale,
+            "image": IDENTITY_CROPS if adapter.image is None else str(adapter.image),
+            "image_sha256": None if adapter.image is None else file_sha256(adapter.image)},
         "loras": [{"path": str(spec.path), "sha256": file_sha256(spec.path), "scale": spec.scale}
                   for spec in request.loras],
     }

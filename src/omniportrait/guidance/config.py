@@ -7,6 +7,7 @@ from dataclasses import dataclass
 REDUCTIONS = ("sum", "mean")
 FEATURE_PASSES = ("cfg", "split", "separate")
 RECOMPUTES = ("gelu", "projection")  # what the feed-forward recomputes in the backward (guidance/recompute.py)
+MASK_SOURCES = ("auto", "attention", "detect")  # where M_gen comes from (guidance/mask_source.py, DESIGN §2)
 DEFAULT_DIFT_BLOCK = {"sd15": 1, "sdxl": 0}
 
 
@@ -48,6 +49,13 @@ class RBGuidanceConfig:
             kernel, and the latents equal eager steps'. It needs CUDA, a scheduler without input scaling (such as
             the default DDIM) and the UNet's weights in place (no CPU offloading). None (default): on wherever it
             can run, off elsewhere; True: on, and a clear error where it cannot run; False: off.
+        mask: where ``M_gen`` comes from (DESIGN §2 "Mask source"): ``attention`` (eq. 6, which needs a class-word
+            attention trained by the localization loss), ``detect`` (the face-oval masks of the faces our face
+            analysis finds in the decoded ``x̂0`` of the first guided step, assigned to identities by attention mass;
+            the attention mask where no face is found), or ``auto`` (default): ``attention`` with a Pivot ID Encoder
+            trained with the localization loss, ``detect`` otherwise.
+        redetect_every: with detected masks, detect again on every N-th guided step that computes a gradient
+            (0, default: never; the masks of the first guided step are kept).
         ref_prompt: prompt for the reference features; ``{word}`` is the identity's class word.
         ref_seed: seed of the reference noises.
     """
@@ -69,6 +77,8 @@ class RBGuidanceConfig:
     recompute: str = "projection"
     gradient_interval: int = 1
     cuda_graph: bool | None = None
+    mask: str = "auto"
+    redetect_every: int = 0
     ref_prompt: str = "a photo of a {word}"
     ref_seed: int = 0
 
@@ -81,6 +91,10 @@ class RBGuidanceConfig:
             raise ConfigError(f"rb feature pass must be one of {FEATURE_PASSES}, got {self.feature_pass!r}")
         if self.recompute not in RECOMPUTES:
             raise ConfigError(f"rb recompute must be one of {RECOMPUTES}, got {self.recompute!r}")
+        if self.mask not in MASK_SOURCES:
+            raise ConfigError(f"rb mask must be one of {MASK_SOURCES}, got {self.mask!r}")
+        if self.redetect_every < 0:
+            raise ConfigError(f"rb redetect interval must be >= 0 (0: never), got {self.redetect_every}")
         if not 0.0 <= self.start <= 1.0:
             raise ConfigError(f"rb start u must be in [0, 1], got {self.start}")
         if self.gradient_interval < 1:

@@ -29,6 +29,7 @@ from omniportrait.guidance.config import DEFAULT_DIFT_BLOCK, RBGuidanceConfig
 from omniportrait.guidance.energy import Correspondence, background_masked, energy, match_features
 from omniportrait.guidance.features import capture_features, features_only, noisy_reference_latents
 from omniportrait.guidance.mask import regional_mask, resize_mask
+from omniportrait.guidance.mask_source import MaskSource
 from omniportrait.guidance.noise import guided_noise
 from omniportrait.guidance.recompute import gelu_gates, gelu_gates_recomputed, weights_frozen
 from omniportrait.guidance.steps import StepRunner, graphs_decided
@@ -142,6 +143,7 @@ class ReferenceGuidance:
         self.gelu_gates = gelu_gates(pipe.unet)
         self.attention_modules = attention_modules(pipe.unet)
         self.record = StepRecord()
+        self.mask_source = MaskSource(self)
         self.active_steps = 0
         self.last_gradient: torch.Tensor | None = None
         self._schedule: list[float] | None = None
@@ -173,15 +175,25 @@ class ReferenceGuidance:
     # ----- the denoising loop -------------------------------------------------------------------------------
     def noise(self, latents, t, step_index: int, cond, guidance_scale: float) -> torch.Tensor:
         """Eq. 11: plain CFG above ``t̂`` (attention still recorded for the mask), guided CFG below. Below ``t̂`` the
-        gradient is recomputed on every ``gradient_interval``-th step and reused in between."""
-        if not self.config.active_at(self.host_timestep(t, step_index), self.pipe.scheduler.config.num_train_timesteps):
+        gradient is recomputed on every ``gradient_interval``-th step and reused in between. The mask source sees
+        each step's noise (``detect`` decodes the ``x̂0`` it predicts, :mod:`.mask_source`)."""
+        timestep = self.host_timestep(t, step_index)
+        noise = self.step_noise(latents, t, timestep, cond, guidance_scale)
+        self.mask_source.remember(latents, timestep, noise)
+        return noise
+
+    def step_noise(self, latents, t, timestep: float, cond, guidance_scale: float) -> torch.Tensor:
+        """:meth:`noise` at ``t`` (``timestep``: ``t`` on the host); detected masks are updated before a guided step
+        that computes a gradient, outside it (a captured step runs no host code)."""
+        if not self.config.active_at(timestep, self.pipe.scheduler.config.num_train_timesteps):
             return self.steps.plain(latents, t, cond, guidance_scale)
         self.active_steps += 1
         if (self.active_steps - 1) % self.config.gradient_interval:
             self.record.reused_steps += 1
             return guided_noise(self.steps.plain(latents, t, cond, guidance_scale), self.last_gradient)
+        self.mask_source.before_gradient(latents, t, timestep, cond, guidance_scale)
         noise, self.last_gradient = self.noise_and_gradient(latents, t, cond, guidance_scale)
-        self.record.calibration.append((self.host_timestep(t, step_index), self.record.step_stats.clone()))
+        self.record.calibration.append((timestep, self.record.step_stats.clone()))
         return guided_noise(noise, self.last_gradient)
 
     def host_timestep(self, t, step_index: int) -> float:
@@ -293,7 +305,11 @@ class ReferenceGuidance:
 
     @torch.no_grad()
     def generated_masks(self) -> torch.Tensor:
-        """``M_gen`` per identity ``(B, n, h, w)`` from the running-mean cross-attention and this step's q/k (eq. 6)."""
+        """``M_gen`` per identity ``(B, n, h, w)``: the detected face masks where the ``detect`` source found faces (a
+        fixed buffer, updated in place between steps: DESIGN §2 "Mask source"), else from the running-mean
+        cross-attention and this step's q/k (eq. 6)."""
+        if self.mask_source.masks is not None:
+            return self.mask_source.masks
         mean_maps = self.store.accumulate()
         c = self.config
         return regional_mask(mean_maps, self.store.self_qk, c.mask_iterations, c.mask_power, c.mask_threshold)

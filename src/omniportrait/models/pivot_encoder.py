@@ -33,12 +33,15 @@ class PivotIDEncoder(ModelMixin, ConfigMixin):
     Args:
         vision_config: keyword arguments of :class:`transformers.CLIPVisionConfig` (default ViT-L/14).
         text_width: width of the text embedding it fuses with (768 for SD1.5, 2048 for SDXL).
+        trained_with_localization_loss: set by training when the face localization loss (eq. 5) was on, so that the
+            class word's attention marks the face and RB-Guidance's ``auto`` mask source uses it (DESIGN §2).
     """
 
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, vision_config: dict | None = None, text_width: int = 768):
+    def __init__(self, vision_config: dict | None = None, text_width: int = 768,
+                 trained_with_localization_loss: bool = False):
         super().__init__()
         config = CLIPVisionConfig(**(vision_config or VIT_L_14))
         self.vision = CLIPVisionModelWithProjection(config)

@@ -30,6 +30,7 @@ from omniportrait.pipelines.conditioning import Conditioning, GenerationCall
 if TYPE_CHECKING:
     from omniportrait.guidance.rb import ReferenceGuidance
 
+IP_ADAPTER_FACE_SIZE = 224  # the aligned face crop an IP-Adapter takes as its image (CLIP's input size)
 NO_PIVOT_WARNING = (
     "no pivot encoder loaded: the prompt runs text-only and identity will be weak; "
     "pass pivot_encoder= (or --pivot-encoder) with trained weights"
@@ -145,7 +146,7 @@ class OmniPortraitMixin:
                     raise ClassWordError(f"class word {item.identity.class_word!r} stands at other token positions "
                                          f"in {other!r} than in {prompts[0]!r}; give identities one prompt at a time")
         check_disjoint(bound)
-        if bound and self.pivot_encoder is None:
+        if bound and self.pivot_encoder is None and not self.has_ip_adapter():
             warnings.warn(NO_PIVOT_WARNING, stacklevel=3)
         for item in bound:
             item.reference = _as_prepared_reference(item.identity)
@@ -346,9 +347,12 @@ class OmniPortraitMixin:
                                 clip_skip=call.clip_skip, **call.text)
         rows = call.batch_size() * call.num_images_per_prompt
         extra = dict(cond.added_cond_kwargs or {})
-        if call.ip_adapter_image is not None or call.ip_adapter_image_embeds is not None:
+        adapter_image = call.ip_adapter_image
+        if adapter_image is None and call.ip_adapter_image_embeds is None and bound and self.has_ip_adapter():
+            adapter_image = [[item.reference.aligned(IP_ADAPTER_FACE_SIZE).image for item in bound]]  # the pivot
+        if adapter_image is not None or call.ip_adapter_image_embeds is not None:
             extra["image_embeds"] = self.prepare_ip_adapter_image_embeds(
-                call.ip_adapter_image, call.ip_adapter_image_embeds, self._execution_device, rows, call.do_cfg)
+                adapter_image, call.ip_adapter_image_embeds, self._execution_device, rows, call.do_cfg)
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
             scale = torch.tensor(call.guidance_scale - 1).repeat(rows)
@@ -357,6 +361,11 @@ class OmniPortraitMixin:
         return replace(cond, added_cond_kwargs=extra or None, timestep_cond=timestep_cond,
                        cross_attention_kwargs=call.cross_attention_kwargs,
                        control=self.prepare_control(call, height, width, rows, steps))
+
+    def has_ip_adapter(self) -> bool:
+        """Whether the UNet carries an IP-Adapter (``load_ip_adapter``): with identities and no adapter image of the
+        call's own, each identity's aligned face crop is the adapter's image (the IP-Adapter as the pivot)."""
+        return getattr(self.unet, "encoder_hid_proj", None) is not None
 
     def prepare_control(self, call: GenerationCall, height: int, width: int, rows: int, steps: int):
         """A ControlNet's inputs for the call; none here (the ControlNet pipelines provide them)."""

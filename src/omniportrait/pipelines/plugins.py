@@ -63,11 +63,12 @@ class ControlNetChoice:
 
 @dataclass(frozen=True)
 class IPAdapterSpec:
-    """``--ip-adapter SOURCE --ip-adapter-scale S --ip-adapter-image IMG``: the adapter and its image prompt."""
+    """``--ip-adapter SOURCE --ip-adapter-scale S --ip-adapter-image IMG``: the adapter and its image prompt (None:
+    the identities' aligned face crops, the IP-Adapter as the pivot)."""
 
     source: str
     scale: float
-    image: Path
+    image: Path | None
 
 
 def source_kind(value: str, file_suffixes: tuple[str, ...]) -> str:
@@ -259,6 +260,18 @@ def hub_ip_adapter(source: str, arch: str) -> tuple[str, str, str]:
     return "/".join(parts[:2]), "/".join(parts[2:-1]), parts[-1]
 
 
+VIT_H_ENCODER = "models/image_encoder"
+"""``h94/IP-Adapter``'s OpenCLIP ViT-H/14 image encoder: SD1.5's adapters and SDXL's ``*_vit-h`` ones were trained
+with it (SDXL's other adapters with ViT-bigG in ``sdxl_models/image_encoder``)."""
+
+
+def image_encoder_folder(kind: str, weight_name: str) -> str:
+    """Where diffusers loads the adapter's image encoder from: a hub file named ``*vit-h*`` (``ip-adapter-plus-face_
+    sdxl_vit-h.safetensors``) takes the repo's ViT-H encoder; any other the ``image_encoder`` folder beside it
+    (diffusers' default: ``models/image_encoder`` for SD1.5's, ``sdxl_models/image_encoder`` for SDXL's)."""
+    return VIT_H_ENCODER if kind == "hub" and "vit-h" in weight_name.lower() else "image_encoder"
+
+
 def load_ip_adapter(pipe, spec: IPAdapterSpec, arch: str) -> None:
     """The IP-Adapter into ``pipe``'s UNet at ``spec.scale``: ``tiny`` (random, with a tiny image encoder), a hub
     repo (its image encoder from the repo, as diffusers loads it) or a local file (an image encoder in an
@@ -273,7 +286,8 @@ def load_ip_adapter(pipe, spec: IPAdapterSpec, arch: str) -> None:
         else:
             where = hub_ip_adapter(spec.source, arch)
         with loading("IP-Adapter", spec.source):
-            pipe.load_ip_adapter(where[0], subfolder=where[1], weight_name=where[2])
+            pipe.load_ip_adapter(where[0], subfolder=where[1], weight_name=where[2],
+                                 image_encoder_folder=image_encoder_folder(kind, where[2]))
     pipe.set_ip_adapter_scale(spec.scale)
 
 

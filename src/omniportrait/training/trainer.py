@@ -461,8 +461,10 @@ class PivotTrainer:
         return window
 
     def export(self, state: TrainState, log: RunLog) -> Path:
-        """Write the trained PIE to ``OUTPUT/pivot_encoder`` (atomically) and close the log."""
+        """Write the trained PIE to ``OUTPUT/pivot_encoder`` (atomically) and close the log. Its config records
+        whether the face localization loss (eq. 5) was on: RB-Guidance's ``auto`` mask source reads it (DESIGN §2)."""
         pie_path = self.run_dir / PIVOT_FOLDER
+        self.unwrapped_pie.register_to_config(trained_with_localization_loss=self.config.eta > 0)
         if self.accelerator.is_main_process:
             export_pivot_encoder(self.unwrapped_pie, pie_path)
         log.event("end", step=state.step, pivot_encoder=str(pie_path))
