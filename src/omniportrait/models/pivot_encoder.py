@@ -115,6 +115,15 @@ class PivotIDEncoder(ModelMixin, ConfigMixin):
         else:
             self.fuse = LinearFusion(ref_width, text_width)
 
+    @classmethod
+    def from_photomaker(cls, path) -> "PivotIDEncoder":
+        """The ``mlp``-fusion encoder of a PhotoMaker v1 checkpoint (``.bin`` or ``.safetensors``), its
+        dimensions read from the weights; its UNet LoRA is not part of it (see
+        :mod:`omniportrait.models.photomaker`)."""
+        from omniportrait.models.photomaker import encoder_from_checkpoint, read_checkpoint
+
+        return encoder_from_checkpoint(read_checkpoint(path))
+
     @property
     def image_size(self) -> int:
         return self.vision.config.image_size
