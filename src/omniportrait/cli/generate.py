@@ -23,10 +23,10 @@ from omniportrait.cli.args import (
     device_name,
     dtype_name,
     existing_file,
-    existing_folder,
     number,
     output_file,
     output_folder,
+    pivot_encoder_path,
     text,
 )
 from omniportrait.errors import ClassWordError, ConfigError, OutOfMemoryError
@@ -97,8 +97,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base", default=None, type=text("base model"),
                    help="hub id, diffusers folder or .safetensors file (overrides preset)")
     p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
-    p.add_argument("--pivot-encoder", default=None, type=existing_folder(),
-                   help="folder of a trained PivotIDEncoder (save_pretrained)")
+    p.add_argument("--pivot-encoder", default=None, type=pivot_encoder_path(),
+                   help="folder of a trained PivotIDEncoder (save_pretrained; also one converted by "
+                        "'omniportrait convert photomaker'), or a PhotoMaker v1 checkpoint (SDXL), converted on load")
     p.add_argument("--scheduler", default="ddim", type=choice_of(SCHEDULERS, "scheduler"),
                    help="ddim (paper), dpmpp-2m, euler, euler-a, pndm, unipc")
     p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA if present), cpu, cuda, cuda:N")

@@ -32,10 +32,12 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from omniportrait.errors import ConfigError
+
+if TYPE_CHECKING:  # importing this module stays cheap (the CLI checks paths with it before loading torch)
+    import torch
 
 ID_ENCODER = "id_encoder"
 LORA_WEIGHTS = "lora_weights"
@@ -93,6 +95,22 @@ def is_checkpoint_file(path: str | Path) -> bool:
     """Whether ``path`` names a file (a PhotoMaker checkpoint) rather than an encoder folder."""
     file = Path(path).expanduser()
     return file.suffix in CHECKPOINT_SUFFIXES and not file.is_dir()
+
+
+def check_pivot_path(value: str) -> Path:
+    """A ``--pivot-encoder`` value: an existing folder, or an existing PhotoMaker checkpoint file
+    (:data:`CHECKPOINT_SUFFIXES`); ``ConfigError`` saying which it is not."""
+    path = Path(value).expanduser()
+    if not str(value).strip():
+        raise ConfigError("the pivot encoder path is empty")
+    if not path.exists():
+        raise ConfigError(f"{value} does not exist")
+    if path.is_dir():
+        return path
+    if path.suffix not in CHECKPOINT_SUFFIXES or not path.is_file():
+        raise ConfigError(f"{value} is neither a pivot encoder folder nor a PhotoMaker checkpoint "
+                          f"({', '.join(CHECKPOINT_SUFFIXES)})")
+    return path
 
 
 def read_checkpoint(path: str | Path) -> PhotoMakerCheckpoint:
