@@ -119,3 +119,29 @@ def test_checkpoint_without_lora_warns(tmp_path):
     with pytest.warns(UserWarning, match="has no lora_weights"):
         pipe = load_pipeline("tiny-sdxl", pivot_encoder=str(path), device="cpu")
     assert not lora_layers(pipe.unet)
+
+
+def test_train_starts_from_photomaker(tmp_path, checkpoint):
+    """``train --init photomaker:CKPT`` fine-tunes the PhotoMaker encoder (the LoRA loaded and frozen) and
+    exports it with its LoRA, loadable by ``--pivot-encoder``."""
+    from omniportrait.models.pivot_encoder import PivotIDEncoder
+    from omniportrait.training.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "records", count=4, seed=0)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "records"), "--output", str(out), "--preset", "tiny-sdxl",
+                 "--init", f"photomaker:{checkpoint}", "--max-steps", "2", "--batch-size", "2", "--num-workers",
+                 "0", "--sample-every", "0", "--no-progress", "--no-tensorboard", "--learning-rate", "1e-3"]) == 0
+    trained = PivotIDEncoder.from_pretrained(out / "pivot_encoder")
+    start = PivotIDEncoder.from_photomaker(checkpoint)
+    assert trained.config.fusion == "mlp" and (out / "pivot_encoder" / LORA_FILE).is_file()
+    assert not torch.equal(trained.fuse.mlp1.fc1.weight, start.fuse.mlp1.fc1.weight)
+    pipe = load_pipeline("tiny-sdxl", pivot_encoder=str(out / "pivot_encoder"), device="cpu")
+    assert pipe.get_list_adapters() == {"unet": [PIVOT_LORA]}
+
+
+def test_init_and_pivot_encoder_together_are_refused(tmp_path, checkpoint, converted, capsys):
+    (tmp_path / "records").mkdir()
+    assert main(["train", "--data", str(tmp_path / "records"), "--output", str(tmp_path / "run"), "--init",
+                 f"photomaker:{checkpoint}", "--pivot-encoder", str(converted)]) == 2
+    assert "give one" in capsys.readouterr().err

@@ -54,6 +54,8 @@ def bad_values(parse, place: Path) -> list[str]:
         "file": ["", missing, a_folder],
         "folder": ["", missing, a_file],
         "pivot encoder": ["", missing, a_file],
+        "init": ["", "photomaker", f"photomaker:{missing}.bin", f"nope:{a_file}", f"photomaker:{a_file}",
+                 f"photomaker:{a_folder}"],
         "output folder": ["", a_file, "/dev/null/sub", "/dev/null"],
         "output file": ["", a_folder, "/dev/null/x.png", "/dev/null", str(place / "new" / "x.jpg")],
         "identity": ["", "just-a-path", f"{a_file}:woman:x", f"{a_file}:woman:0", f"{a_folder}:woman",
