@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -94,7 +95,7 @@ def load_frozen_pipeline(config: TrainConfig, device: torch.device, dtype: torch
 
     dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=NO_PIVOT_WARNING)
+        warnings.filterwarnings("ignore", message=re.escape(NO_PIVOT_WARNING))  # a regex: its "(" are literal
         return load_pipeline(config.preset, config.base, config.arch, None, str(device), dtype_name)
 
 
