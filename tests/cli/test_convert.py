@@ -100,6 +100,13 @@ def test_photomaker_with_sd15_is_one_clear_line(tmp_path, checkpoint, astronaut_
     assert "is PhotoMaker's, made for SDXL" in err[-1] and "--preset sdxl" in err[-1]
 
 
+def checkpoint_like_image(folder):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(folder / "me.png")
+    return folder / "me.png"
+
+
 def test_bad_checkpoints_are_refused_before_loading(tmp_path, capsys):
     state = {k: v for k, v in tiny_id_encoder_state().items() if not k.startswith("fuse_module.layer_norm")}
     broken = write_safetensors(tmp_path / "broken.safetensors", state, None)
@@ -107,6 +114,8 @@ def test_bad_checkpoints_are_refused_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lacks fuse_module.layer_norm.weight" in err
     assert not (tmp_path / "out").exists()
+    assert main(["convert", "photomaker", str(checkpoint_like_image(tmp_path)), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a PhotoMaker checkpoint file (.bin" in capsys.readouterr().err
     text_file = tmp_path / "notes.txt"
     text_file.write_text("x")
     assert main(["generate", "--preset", "tiny-sdxl", "--pivot-encoder", str(text_file), "--reference",

@@ -120,6 +120,9 @@ def read_checkpoint(path: str | Path) -> PhotoMakerCheckpoint:
 
     file = Path(path).expanduser()
     what = "PhotoMaker checkpoint"
+    if file.suffix not in CHECKPOINT_SUFFIXES:
+        raise ConfigError(f"{path} is not a PhotoMaker checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}); "
+                          "download photomaker-v1.bin from TencentARC/PhotoMaker")
     if file.suffix == ".safetensors":
         read_safetensors_header(file, what)  # complete, a safetensors file
         parts = _split_flat(_load_safetensors(file))
