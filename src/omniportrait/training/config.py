@@ -176,9 +176,9 @@ def parse_init(value: str) -> str:
 
     source, separator, path = str(value).partition(":")
     if not separator or source not in INIT_SOURCES or not path.strip():
-        raise ConfigError(f"--init {value!r} must look like photomaker:PATH (a PhotoMaker v1 checkpoint)")
+        raise ConfigError(f"{value!r} must look like photomaker:PATH (a PhotoMaker v1 checkpoint)")
     if not path.endswith(CHECKPOINT_SUFFIXES):
-        raise ConfigError(f"--init {value!r}: {path} is not a PhotoMaker checkpoint file "
+        raise ConfigError(f"{path} is not a PhotoMaker checkpoint file "
                           f"({', '.join(CHECKPOINT_SUFFIXES)})")
     check_pivot_path(path)
     return path
