@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from omniportrait.cli import main
+from omniportrait.errors import ConfigError
 from omniportrait.models.photomaker import LORA_FILE
 from omniportrait.models.tiny import tiny_unet
 from omniportrait.pipelines.loading import load_pipeline
@@ -92,12 +93,18 @@ def test_generate_with_the_checkpoint_end_to_end(tmp_path, checkpoint, astronaut
     assert "no pivot encoder" not in capsys.readouterr().err
 
 
-def test_photomaker_with_sd15_is_one_clear_line(tmp_path, checkpoint, astronaut_path, capsys):
+def test_photomaker_with_sd15_is_one_clear_line(tmp_path, checkpoint, astronaut_path, capsys, monkeypatch):
+    from omniportrait.pipelines import loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("refused only after loading"))
     code = main(["generate", "--preset", "tiny-sd15", *FAST, "--pivot-encoder", str(checkpoint), "--reference",
                  astronaut_path, "--prompt", "a woman", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not (tmp_path / "x.png").exists()
     assert "is PhotoMaker's, made for SDXL" in err[-1] and "--preset sdxl" in err[-1]
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="made for SDXL: it fuses 64-wide text states but this model's are 32"):
+        load_pipeline("tiny-sd15", pivot_encoder=str(checkpoint), device="cpu")  # the Python API refuses too
 
 
 def checkpoint_like_image(folder):

@@ -358,8 +358,8 @@ def check_before_loading(args) -> list[Path]:
     """Everything that can be refused without a model: seeds, output files, model files, plug-ins and how they go
     together, memory for the size. Returns the output paths."""
     from omniportrait.memory import check_fits
-    from omniportrait.pipelines.loading import check_base, check_pivot_encoder, get_preset, resolve_device, \
-        resolve_dtype
+    from omniportrait.pipelines.loading import check_base, check_pivot_arch, check_pivot_encoder, get_preset, \
+        resolve_device, resolve_dtype
 
     preset = get_preset(args.preset)
     if args.seed + args.num_images - 1 > SEED_MAX:
@@ -369,7 +369,8 @@ def check_before_loading(args) -> list[Path]:
     if args.base is not None:
         check_base(args.base)
     if args.pivot_encoder is not None:
-        check_pivot_encoder(args.pivot_encoder)
+        known_arch = args.arch or (preset.arch if args.base is None else None)
+        check_pivot_arch(check_pivot_encoder(args.pivot_encoder), args.pivot_encoder, known_arch)
     args.plugins = plugin_request(args, args.arch or preset.arch, is_tiny(args))
     device = resolve_device(args.device)
     arch = "tiny" if is_tiny(args) else (args.arch or preset.arch)

@@ -229,6 +229,15 @@ def read_pivot(path: str, text_width: int) -> Pivot:
     return Pivot(PivotIDEncoder.from_pretrained(str(checked.path)), lora if lora.is_file() else None, path)
 
 
+def check_pivot_arch(checked, path: str, arch: str | None) -> None:
+    """Before loading the base model: a PhotoMaker checkpoint (SDXL only) with an SD1.5 ``arch`` is refused."""
+    from omniportrait.models.photomaker import PhotoMakerCheckpoint
+
+    if arch == "sd15" and isinstance(checked, PhotoMakerCheckpoint):
+        raise ConfigError(f"pivot encoder {path} is PhotoMaker's, made for SDXL; it does not fit an SD1.5 model: "
+                          "use --preset sdxl (or an SDXL --base)")
+
+
 def check_text_width(encoder_width: int, fusion: str, path: str, width: int) -> None:
     """The encoder fuses text states as wide as the pipeline's (PhotoMaker's: SDXL's 2048)."""
     if encoder_width == width:
