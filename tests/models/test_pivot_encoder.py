@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from omniportrait.models.pivot_encoder import PivotIDEncoder
@@ -39,3 +40,46 @@ def test_default_config_is_clip_vit_l_14():
     from omniportrait.models.pivot_encoder import VIT_L_14
 
     assert (VIT_L_14["image_size"], VIT_L_14["patch_size"], VIT_L_14["projection_dim"]) == (224, 14, 768)
+
+
+def test_old_config_without_fusion_loads_as_linear(tmp_path):
+    """Folders saved before the fusion choice existed have no ``fusion`` key: they load as the paper's Linear."""
+    import json
+
+    encoder = tiny_pivot_encoder(text_width=32)
+    encoder.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("fusion", "second_projection_dim", "fusion_hidden_dim"):
+        config.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = PivotIDEncoder.from_pretrained(tmp_path)
+    assert loaded.config.fusion == "linear"
+    assert torch.equal(loaded.fuse.weight, encoder.fuse.weight)
+
+
+def test_mlp_fusion_with_second_projection_round_trips(tmp_path):
+    from omniportrait.models.tiny import tiny_vision_config
+
+    torch.manual_seed(0)
+    encoder = PivotIDEncoder(vision_config=tiny_vision_config().to_dict(), text_width=64, fusion="mlp",
+                             second_projection_dim=32, fusion_hidden_dim=48)
+    assert encoder.ref_width == 64
+    assert encoder.fuse.mlp1.fc1.weight.shape == (48, 128)
+    pixels = torch.randn(2, 3, encoder.image_size, encoder.image_size)
+    e_ref = encoder.encode_image(pixels)
+    assert e_ref.shape == (2, 64)
+    with torch.no_grad():
+        expected = encoder.vision(pixel_values=pixels).image_embeds
+    assert torch.allclose(e_ref[:, :32], expected, atol=1e-6)  # the first projection is CLIP's image_embeds
+    encoder.save_pretrained(tmp_path)
+    loaded = PivotIDEncoder.from_pretrained(tmp_path)
+    e_txt = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        assert torch.equal(encoder(pixels, e_txt), loaded(pixels, e_txt))
+    with pytest.raises(ValueError, match="only the linear fusion"):
+        loaded.init_fusion_as_identity()
+
+
+def test_unknown_fusion_is_refused():
+    with pytest.raises(ValueError, match="fusion must be one of linear, mlp"):
+        PivotIDEncoder(text_width=32, fusion="attention")

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "build-dataset": "build_dataset",
     "train": "train",
     "control": "control",
+    "convert": "convert",
 }
 
 

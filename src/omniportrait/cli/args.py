@@ -103,6 +103,13 @@ def existing_folder() -> Callable[[str], str]:
     return checked(check_input_folder, "folder")
 
 
+def pivot_encoder_path() -> Callable[[str], str]:
+    """argparse type: a pivot encoder folder or a PhotoMaker v1 checkpoint file, existing."""
+    from omniportrait.models.photomaker import check_pivot_path
+
+    return checked(check_pivot_path, "pivot encoder")
+
+
 def output_file(suffix: str | None = None) -> Callable[[str], str]:
     """argparse type: a file we can create: ``suffix`` (e.g. ``.png``), not a folder or device, and the
     nearest existing folder above it writable (so missing folders can be made)."""

@@ -21,6 +21,7 @@ from omniportrait.cli.args import (
     int_in,
     number,
     output_folder,
+    pivot_encoder_path,
     text,
 )
 from omniportrait.cli.generate import COST_FLAGS
@@ -46,7 +47,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", default="sd15", type=choice_of(PRESETS, "preset"), help=f"one of {', '.join(PRESETS)} (default: sd15)")
     p.add_argument("--base", default=None, type=text("base model"), help="hub id, diffusers folder or .safetensors file (overrides preset)")
     p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
-    p.add_argument("--pivot-encoder", default=None, type=existing_folder(), help="folder of a trained PivotIDEncoder (save_pretrained)")
+    p.add_argument("--pivot-encoder", default=None, type=pivot_encoder_path(),
+                   help="folder of a trained PivotIDEncoder (save_pretrained; also one converted by "
+                        "'omniportrait convert photomaker'), or a PhotoMaker v1 checkpoint (SDXL), converted on load")
     p.add_argument("--scheduler", default="ddim", type=choice_of(SCHEDULERS, "scheduler"), help="sampler (paper: ddim)")
     p.add_argument("--steps", type=number(STEPS), default=50, help="sampling steps (paper: 50)")
     p.add_argument("--guidance-scale", type=number(GUIDANCE_SCALE), default=7.5, help="classifier-free guidance w (paper: 7.5)")

@@ -23,10 +23,10 @@ from omniportrait.cli.args import (
     device_name,
     dtype_name,
     existing_file,
-    existing_folder,
     number,
     output_file,
     output_folder,
+    pivot_encoder_path,
     text,
 )
 from omniportrait.errors import ClassWordError, ConfigError, OutOfMemoryError
@@ -99,8 +99,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base", default=None, type=text("base model"),
                    help="hub id, diffusers folder or .safetensors file (overrides preset)")
     p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
-    p.add_argument("--pivot-encoder", default=None, type=existing_folder(),
-                   help="folder of a trained PivotIDEncoder (save_pretrained)")
+    p.add_argument("--pivot-encoder", default=None, type=pivot_encoder_path(),
+                   help="folder of a trained PivotIDEncoder (save_pretrained; also one converted by "
+                        "'omniportrait convert photomaker'), or a PhotoMaker v1 checkpoint (SDXL), converted on load")
     p.add_argument("--scheduler", default="ddim", type=choice_of(SCHEDULERS, "scheduler"),
                    help="ddim (paper), dpmpp-2m, euler, euler-a, pndm, unipc")
     p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA if present), cpu, cuda, cuda:N")
@@ -381,8 +382,8 @@ def check_before_loading(args) -> list[Path]:
     """Everything that can be refused without a model: seeds, output files, model files, plug-ins and how they go
     together, memory for the size. Returns the output paths."""
     from omniportrait.memory import check_fits
-    from omniportrait.pipelines.loading import check_base, check_pivot_encoder, get_preset, resolve_device, \
-        resolve_dtype
+    from omniportrait.pipelines.loading import check_base, check_pivot_arch, check_pivot_encoder, get_preset, \
+        resolve_device, resolve_dtype
 
     preset = get_preset(args.preset)
     if args.seed + args.num_images - 1 > SEED_MAX:
@@ -392,7 +393,8 @@ def check_before_loading(args) -> list[Path]:
     if args.base is not None:
         check_base(args.base)
     if args.pivot_encoder is not None:
-        check_pivot_encoder(args.pivot_encoder)
+        known_arch = args.arch or (preset.arch if args.base is None else None)
+        check_pivot_arch(check_pivot_encoder(args.pivot_encoder), args.pivot_encoder, known_arch)
     args.plugins = plugin_request(args, args.arch or preset.arch, is_tiny(args))
     device = resolve_device(args.device)
     arch = "tiny" if is_tiny(args) else (args.arch or preset.arch)

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 IP_ADAPTER_FACE_SIZE = 224  # the aligned face crop an IP-Adapter takes as its image (CLIP's input size)
 NO_PIVOT_WARNING = (
     "no pivot encoder loaded: the prompt runs text-only and identity will be weak; "
-    "pass pivot_encoder= (or --pivot-encoder) with trained weights"
+    "pass pivot_encoder= (or --pivot-encoder) with trained weights (omniportrait train), or on SDXL PhotoMaker v1: "
+    "--pivot-encoder photomaker-v1.bin, or a folder made by omniportrait convert photomaker (README, Real use)"
 )
 
 

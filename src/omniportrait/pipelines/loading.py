@@ -170,11 +170,17 @@ def _load_from_hub(repo_id: str, arch: str | None, dtype, diffusers_classes):
 
 
 def check_pivot_encoder(path: str):
-    """The trained PIE folder ``path``, checked without loading it: its config builds a ``PivotIDEncoder`` and its
-    weights file holds exactly that model's tensors, complete. Returns the checked folder."""
+    """The pivot encoder ``path`` names, checked without building it: a PhotoMaker v1 checkpoint file
+    (:func:`omniportrait.models.photomaker.read_checkpoint`, returned) or a ``save_pretrained`` folder whose
+    config builds a ``PivotIDEncoder``, whose weights file holds exactly that model's tensors, complete, and
+    whose UNet LoRA (``photomaker_lora.safetensors``), if any, is a complete LoRA file (the folder returned)."""
     from omniportrait.checks import check_model_folder, check_state_matches
+    from omniportrait.models.photomaker import LORA_FILE, is_checkpoint_file, read_checkpoint
     from omniportrait.models.pivot_encoder import PivotIDEncoder
+    from omniportrait.pipelines.plugins import check_lora_file
 
+    if is_checkpoint_file(path):
+        return read_checkpoint(path)
     what = "pivot encoder"
     checked = check_model_folder(path, what, class_name=PivotIDEncoder.__name__, required_config=("text_width",))
     try:
@@ -186,19 +192,68 @@ def check_pivot_encoder(path: str):
                           f"({reason})") from None
     expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
     check_state_matches(checked.tensors, expected, checked.weights, f"{what} weights")
+    if (checked.path / LORA_FILE).exists():
+        check_lora_file(checked.path / LORA_FILE)
     return checked
 
 
-def load_pivot_encoder(path: str, text_width: int):
+@dataclass(frozen=True)
+class Pivot:
+    """A loaded pivot encoder and the UNet LoRA it was trained with (PhotoMaker's; ``None`` for ours): a state
+    dict (from a checkpoint) or a ``.safetensors`` file (beside a converted encoder)."""
+
+    encoder: object
+    lora: dict | Path | None
+    source: str
+
+
+def read_pivot(path: str, text_width: int) -> Pivot:
+    """The pivot encoder of a folder or a PhotoMaker v1 checkpoint (converted on load; a warning when it has no
+    LoRA), checked to fuse ``text_width``-wide text states."""
+    from omniportrait.models.photomaker import (
+        LORA_FILE,
+        PhotoMakerCheckpoint,
+        encoder_from_checkpoint,
+        warn_no_lora,
+    )
     from omniportrait.models.pivot_encoder import PivotIDEncoder
 
     checked = check_pivot_encoder(path)
-    if checked.config["text_width"] != text_width:
-        raise ConfigError(
-            f"pivot encoder {path} fuses {checked.config['text_width']}-wide text states but this model's are "
-            f"{text_width} wide; use an encoder trained for this architecture"
-        )
-    return PivotIDEncoder.from_pretrained(str(checked.path))
+    if isinstance(checked, PhotoMakerCheckpoint):
+        check_text_width(checked.id_encoder["fuse_module.layer_norm.weight"].shape[0], "mlp", path, text_width)
+        if checked.lora is None:
+            warn_no_lora(path)
+        return Pivot(encoder_from_checkpoint(checked), checked.lora, path)
+    check_text_width(checked.config["text_width"], checked.config.get("fusion", "linear"), path, text_width)
+    lora = checked.path / LORA_FILE
+    return Pivot(PivotIDEncoder.from_pretrained(str(checked.path)), lora if lora.is_file() else None, path)
+
+
+def check_pivot_arch(checked, path: str, arch: str | None) -> None:
+    """Before loading the base model: a PhotoMaker checkpoint (SDXL only) with an SD1.5 ``arch`` is refused."""
+    from omniportrait.models.photomaker import PhotoMakerCheckpoint
+
+    if arch == "sd15" and isinstance(checked, PhotoMakerCheckpoint):
+        raise ConfigError(f"pivot encoder {path} is PhotoMaker's, made for SDXL; it does not fit an SD1.5 model: "
+                          "use --preset sdxl (or an SDXL --base)")
+
+
+def check_text_width(encoder_width: int, fusion: str, path: str, width: int) -> None:
+    """The encoder fuses text states as wide as the pipeline's (PhotoMaker's: SDXL's 2048)."""
+    if encoder_width == width:
+        return
+    if fusion == "mlp":
+        raise ConfigError(f"pivot encoder {path} is PhotoMaker's, made for SDXL: it fuses {encoder_width}-wide text "
+                          f"states but this model's are {width} wide; use --preset sdxl (or an SDXL --base)")
+    raise ConfigError(
+        f"pivot encoder {path} fuses {encoder_width}-wide text states but this model's are "
+        f"{width} wide; use an encoder trained for this architecture"
+    )
+
+
+def load_pivot_encoder(path: str, text_width: int):
+    """The encoder alone (its LoRA, if any, not loaded): see :func:`read_pivot`."""
+    return read_pivot(path, text_width).encoder
 
 
 def text_width(pipe) -> int:
@@ -220,7 +275,8 @@ def load_pipeline(
         preset: one of :data:`PRESETS`; gives the architecture and default base weights.
         base: hub id, local diffusers folder or ``.safetensors`` file; overrides the preset's weights.
         arch: ``sd15`` or ``sdxl`` when it cannot be read from ``base``.
-        pivot_encoder: folder written by ``PivotIDEncoder.save_pretrained``. Tiny presets bring their own.
+        pivot_encoder: folder written by ``PivotIDEncoder.save_pretrained`` (with the UNet LoRA of a converted
+            PhotoMaker, if any) or a PhotoMaker v1 checkpoint file. Tiny presets bring their own.
         scheduler: one of :data:`omniportrait.pipelines.schedulers.SCHEDULERS` (DDIM by default, as the paper).
     """
     from omniportrait.pipelines.schedulers import make_scheduler
@@ -243,7 +299,12 @@ def load_pipeline(
         arch, diffusers_pipe = load_base(source, arch or (chosen.arch if chosen and not base else None), torch_dtype)
         pipe = PIPELINE_CLASSES[arch].from_pipe(diffusers_pipe)
     if pivot_encoder is not None:
-        pie = load_pivot_encoder(pivot_encoder, text_width(pipe))
+        pivot = read_pivot(pivot_encoder, text_width(pipe))
+        pie = pivot.encoder
+        if pivot.lora is not None:
+            from omniportrait.pipelines.plugins import load_pivot_lora
+
+            load_pivot_lora(pipe, pivot.lora, pivot_encoder)
     if pie is None:
         warnings.warn(NO_PIVOT_WARNING, stacklevel=2)
     pipe.register_modules(pivot_encoder=pie)

@@ -239,16 +239,32 @@ def with_controlnet(pipe, controlnet):
     return controlled
 
 
+PIVOT_LORA = "photomaker"
+"""The PEFT adapter name of a pivot encoder's UNet LoRA (PhotoMaker's, as its own pipeline names it)."""
+
+
+def load_pivot_lora(pipe, lora, source: str) -> None:
+    """The UNet LoRA a pivot encoder was trained with (a state dict or a ``.safetensors`` file) as the PEFT
+    adapter :data:`PIVOT_LORA`, active at scale 1."""
+    if isinstance(lora, (str, Path)):
+        check_lora_file(lora)
+    with loading("pivot encoder LoRA of", source):
+        pipe.load_lora_weights(dict(lora) if isinstance(lora, dict) else str(lora), adapter_name=PIVOT_LORA)
+
+
 def load_loras(pipe, loras: list[LoraSpec]) -> None:
-    """Each LoRA as a PEFT adapter ``lora0``, ``lora1``, …, all active at their scales."""
+    """Each LoRA as a PEFT adapter ``lora0``, ``lora1``, …, all active at their scales; the pivot encoder's LoRA,
+    if loaded, stays active at 1."""
+    if not loras:
+        return
+    kept = [PIVOT_LORA] if PIVOT_LORA in pipe.get_list_adapters().get("unet", []) else []
     names = []
     for index, spec in enumerate(loras):
         check_lora_file(spec.path)
         with loading("LoRA", str(spec.path)):
             pipe.load_lora_weights(str(spec.path), adapter_name=f"lora{index}")
         names.append(f"lora{index}")
-    if names:
-        pipe.set_adapters(names, [spec.scale for spec in loras])
+    pipe.set_adapters(kept + names, [1.0] * len(kept) + [spec.scale for spec in loras])
 
 
 def hub_ip_adapter(source: str, arch: str) -> tuple[str, str, str]:
@@ -319,4 +335,4 @@ def file_sha256(path: str | Path) -> str | None:
 __all__ = ["CONTROL_KINDS", "CONTROLNET_LICENCES", "ControlNetChoice", "DEFAULT_CONTROLNETS", "IPAdapterSpec",
            "LoraSpec", "TINY", "check_choices_used", "check_controlnet_source", "check_ip_adapter_source",
            "check_lora_file", "controlnet_source", "file_sha256", "load_controlnets", "load_ip_adapter",
-           "load_loras", "parse_controlnet_choice", "parse_lora", "with_controlnet"]
+           "load_loras", "load_pivot_lora", "parse_controlnet_choice", "parse_lora", "with_controlnet"]

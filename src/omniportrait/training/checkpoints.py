@@ -225,13 +225,28 @@ def resumable_checkpoint(run_dir: Path) -> Path | None:
     return health.folder
 
 
-def export_pivot_encoder(pivot_encoder, destination: Path) -> Path:
-    """Write the trained PIE to ``destination`` in ``from_pretrained`` format, replacing it atomically."""
+def _write_lora(lora, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from omniportrait.models.photomaker import LORA_FILE, lora_to_diffusers
+
+    if isinstance(lora, dict):
+        save_file(lora_to_diffusers(lora), str(folder / LORA_FILE), metadata={"format": "pt"})
+    else:
+        shutil.copyfile(lora, folder / LORA_FILE)
+
+
+def export_pivot_encoder(pivot_encoder, destination: Path, lora=None) -> Path:
+    """Write the trained PIE to ``destination`` in ``from_pretrained`` format, replacing it atomically; with
+    ``lora`` (the UNet LoRA of a PhotoMaker start: a state dict or a ``.safetensors`` file) written beside it as
+    ``photomaker_lora.safetensors``, which ``--pivot-encoder`` loads with it."""
     destination = Path(destination)
     temp = destination.with_name(f"{TEMP_PREFIX}{destination.name}")
     old = destination.with_name(f"{TEMP_PREFIX}old-{destination.name}")
     shutil.rmtree(temp, ignore_errors=True)
     pivot_encoder.save_pretrained(str(temp))
+    if lora is not None:
+        _write_lora(lora, temp)
     fsync_dir(temp)
     if destination.exists():
         shutil.rmtree(old, ignore_errors=True)

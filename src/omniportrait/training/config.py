@@ -59,6 +59,9 @@ class TrainConfig:
     arch: str | None = _flag(None, "sd15 or sdxl, when it cannot be read from --base", choices=("sd15", "sdxl"))
     pivot_encoder: str | None = _flag(None, "start from this trained PivotIDEncoder folder (save_pretrained)",
                                       check=check_input_folder)
+    init: str | None = _flag(None, "start the PIE from a public pivot: photomaker:PATH (PhotoMaker v1 .bin or "
+                                   ".safetensors, SDXL presets; its UNet LoRA is loaded, kept frozen, and exported "
+                                   "beside the trained encoder)", check=lambda value: parse_init(value))
     vision_model: str | None = _flag(
         None, "CLIP vision weights (hub id or folder) for a fresh PIE; default: the paper's OpenCLIP "
               f"ViT-L/14 ({PAPER_VISION_MODEL}) for real presets, the tiny PIE for tiny presets")
@@ -127,6 +130,8 @@ class TrainConfig:
             problem = field_problem(item, getattr(self, item.name))
             if problem:
                 raise ConfigError(f"--{item.name.replace('_', '-')} {problem}")
+        if self.pivot_encoder is not None and self.init is not None:
+            raise ConfigError("--pivot-encoder and --init both name a starting encoder; give one")
         if self.pivot_encoder is not None:
             from omniportrait.pipelines.loading import check_pivot_encoder
 
@@ -159,6 +164,24 @@ def field_problem(item, value) -> str | None:
         except ConfigError as err:
             return f"refused: {err}"
     return None
+
+
+INIT_SOURCES = ("photomaker",)
+"""Public pivots ``--init`` starts from (SOURCE:PATH)."""
+
+
+def parse_init(value: str) -> str:
+    """``photomaker:PATH`` -> the checkpoint path, checked to be an existing PhotoMaker checkpoint file."""
+    from omniportrait.models.photomaker import CHECKPOINT_SUFFIXES, check_pivot_path
+
+    source, separator, path = str(value).partition(":")
+    if not separator or source not in INIT_SOURCES or not path.strip():
+        raise ConfigError(f"{value!r} must look like photomaker:PATH (a PhotoMaker v1 checkpoint)")
+    if not path.endswith(CHECKPOINT_SUFFIXES):
+        raise ConfigError(f"{path} is not a PhotoMaker checkpoint file "
+                          f"({', '.join(CHECKPOINT_SUFFIXES)})")
+    check_pivot_path(path)
+    return path
 
 
 def _check_data_path(data: str) -> None:

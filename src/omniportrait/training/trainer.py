@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -94,7 +95,7 @@ def load_frozen_pipeline(config: TrainConfig, device: torch.device, dtype: torch
 
     dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=NO_PIVOT_WARNING)
+        warnings.filterwarnings("ignore", message=re.escape(NO_PIVOT_WARNING))  # a regex: its "(" are literal
         return load_pipeline(config.preset, config.base, config.arch, None, str(device), dtype_name)
 
 
@@ -109,6 +110,21 @@ def initial_pivot_encoder(config: TrainConfig, text_width: int):
 
         return tiny_pivot_encoder(text_width)
     return pivot_encoder_from_vision_model(config.vision_model or PAPER_VISION_MODEL, text_width)
+
+
+def init_pivot(config: TrainConfig, pipe, text_width: int):
+    """With ``--init photomaker:PATH``, the checkpoint's encoder and LoRA (a ``Pivot``), the LoRA loaded into
+    ``pipe``'s UNet (which stays frozen: the localization loss fine-tunes the encoder alone); else ``None``."""
+    if config.init is None:
+        return None
+    from omniportrait.pipelines.loading import read_pivot
+    from omniportrait.pipelines.plugins import load_pivot_lora
+    from omniportrait.training.config import parse_init
+
+    pivot = read_pivot(parse_init(config.init), text_width)
+    if pivot.lora is not None:
+        load_pivot_lora(pipe, pivot.lora, config.init)
+    return pivot
 
 
 def pivot_encoder_from_vision_model(name: str, text_width: int):
@@ -209,15 +225,18 @@ class PivotTrainer:
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
         self.source = RecordSource(config.data, config.seed)
         self.source.check_processes(self.accelerator.num_processes)
-        given_pie = getattr(pipe, "pivot_encoder", None) if config.pivot_encoder is None else None
+        starts_elsewhere = config.pivot_encoder is not None or config.init is not None
+        given_pie = None if starts_elsewhere else getattr(pipe, "pivot_encoder", None)
         if pipe is None:
             pipe = load_frozen_pipeline(config, self.device, self.weight_dtype)
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         self.sdxl = is_sdxl(self.pipe)
         self.resolution = config.resolution or self.pipe.default_size()
+        width = self.pipe.unet.config.cross_attention_dim
+        self.init = init_pivot(config, self.pipe, width)
         self._prepare_frozen()
-        self.pie = given_pie or initial_pivot_encoder(config, self.pipe.unet.config.cross_attention_dim)
+        self.pie = given_pie or (self.init.encoder if self.init else initial_pivot_encoder(config, width))
         place(self.pie, self.device, torch.float32)
         self.pie.train()
         self.pipe.register_modules(pivot_encoder=self.pie)
@@ -466,7 +485,7 @@ class PivotTrainer:
         pie_path = self.run_dir / PIVOT_FOLDER
         self.unwrapped_pie.register_to_config(trained_with_localization_loss=self.config.eta > 0)
         if self.accelerator.is_main_process:
-            export_pivot_encoder(self.unwrapped_pie, pie_path)
+            export_pivot_encoder(self.unwrapped_pie, pie_path, self.init.lora if self.init else None)
         log.event("end", step=state.step, pivot_encoder=str(pie_path))
         log.close()
         self.accelerator.wait_for_everyone()
