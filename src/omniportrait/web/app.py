@@ -246,7 +246,7 @@ def wire(demo: gr.Blocks, generator: Generator, sessions: Sessions, form: dict, 
     form["randomise"].click(lambda: random.randint(0, 2**32 - 1), None, form["seed"], api_name="randomise_seed")
     check_inputs = [form["prompt"]] + [slot[name] for slot in slots for name in ("photo", "word")]
     check_outputs = [form["check"]] + [slot["word"] for slot in slots]
-    gr.on([form["prompt"].input, slots[0]["word"].input, slots[1]["word"].input], prompt_checker(generator),
+    gr.on([form["prompt"].change, slots[0]["word"].change, slots[1]["word"].change], prompt_checker(generator),
           check_inputs, check_outputs, api_name="check_prompt", queue=False)
     demo.unload(sessions.end)
 
