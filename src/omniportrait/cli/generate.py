@@ -93,22 +93,27 @@ def add_parser(subparsers) -> None:
                    help="classifier-free guidance w (paper: 7.5); <= 1 turns it off, as in diffusers")
     p.add_argument("--width", type=number(IMAGE_SIDE), default=None, help="default: the preset's size")
     p.add_argument("--height", type=number(IMAGE_SIDE), default=None, help="default: the preset's size")
-    p.add_argument("--preset", default="sd15", type=choice_of(PRESETS, "preset"),
-                   help=f"one of {', '.join(PRESETS)} (default: sd15)")
-    p.add_argument("--base", default=None, type=text("base model"),
-                   help="hub id, diffusers folder or .safetensors file (overrides preset)")
-    p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
-    p.add_argument("--pivot-encoder", default=None, type=existing_folder(),
-                   help="folder of a trained PivotIDEncoder (save_pretrained)")
+    add_model_arguments(p, preset_note="")
     p.add_argument("--scheduler", default="ddim", type=choice_of(SCHEDULERS, "scheduler"),
                    help="ddim (paper), dpmpp-2m, euler, euler-a, pndm, unipc")
-    p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", type=dtype_name, help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
     p.add_argument("--num-images", type=number(NUM_IMAGES), default=1)
     p.add_argument("--banded-decode", **COST_FLAGS["--banded-decode"])
     add_guidance_arguments(p)
     add_plugin_arguments(p)
     p.set_defaults(run=run)
+
+
+def add_model_arguments(p, preset_note: str) -> None:
+    """The model flags (preset, base, arch, pivot encoder, device, dtype), shared by ``generate`` and ``web``."""
+    p.add_argument("--preset", default="sd15", type=choice_of(PRESETS, "preset"),
+                   help=f"one of {', '.join(PRESETS)} (default: sd15{preset_note})")
+    p.add_argument("--base", default=None, type=text("base model"),
+                   help="hub id, diffusers folder or .safetensors file (overrides preset)")
+    p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
+    p.add_argument("--pivot-encoder", default=None, type=existing_folder(),
+                   help="folder of a trained PivotIDEncoder (save_pretrained)")
+    p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", type=dtype_name, help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
 
 
 def add_guidance_arguments(p) -> None:

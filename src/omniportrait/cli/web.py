@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omniportrait.cli.args import choice_of, device_name, dtype_name, existing_folder, number, text
+from omniportrait.cli.args import number, text
+from omniportrait.cli.generate import add_model_arguments
 from omniportrait.errors import MissingDependencyError
-from omniportrait.pipelines.loading import PRESETS
 from omniportrait.values import Range
 
 PORT = Range(1, 65535, integer=True)
@@ -18,15 +18,7 @@ def add_parser(subparsers) -> None:
         "web", help="serve the web app: photos and a prompt in, portraits with their sidecars out",
         description="Serve the OmniPortrait web app (Gradio). The model loads once; requests queue one at a time.",
     )
-    p.add_argument("--preset", default="sd15", type=choice_of(PRESETS, "preset"),
-                   help=f"one of {', '.join(PRESETS)} (default: sd15; tiny-sd15 runs offline on a CPU)")
-    p.add_argument("--base", default=None, type=text("base model"),
-                   help="hub id, diffusers folder or .safetensors file (overrides preset)")
-    p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
-    p.add_argument("--pivot-encoder", default=None, type=existing_folder(),
-                   help="folder of a trained PivotIDEncoder (save_pretrained)")
-    p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", type=dtype_name, help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
+    add_model_arguments(p, preset_note="; tiny-sd15 runs offline on a CPU")
     p.add_argument("--host", default="127.0.0.1", type=text("host"),
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for the network)")
     p.add_argument("--port", default=7860, type=number(PORT), help="port to listen on (default: 7860)")
