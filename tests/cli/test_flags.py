@@ -16,7 +16,7 @@ import pytest
 from omniportrait.cli import build_parser, main
 from omniportrait.values import SEED_MAX
 
-SUBCOMMANDS = ("generate", "train", "build-dataset", "evaluate")
+SUBCOMMANDS = ("generate", "train", "build-dataset", "evaluate", "web")
 JUNK = ("", "abc")
 
 
@@ -79,6 +79,7 @@ def base_arguments(command: str, place: Path) -> list[str]:
         "train": ["train", "--data", str(place / "d"), "--output", str(place / "out")],
         "build-dataset": ["build-dataset", "--input", str(place / "d"), "--output", str(place / "out")],
         "evaluate": ["evaluate", "--references", str(place / "d"), "--output", str(place / "out")],
+        "web": ["web", "--preset", "tiny-sd15"],
     }[command]
 
 

@@ -205,7 +205,9 @@ FAST = ["generate", "--preset", "tiny-sd15", "--steps", "4", "--dift-ensemble", 
 
 def test_the_cli_sidecar_records_the_mask_source_and_why(tmp_path, astronaut_path, capsys):
     out = tmp_path / "a.png"
-    assert main([*FAST, "--reference", astronaut_path, "--out", str(out), "--rb-redetect-every", "2"]) == 0
+    with warnings.catch_warnings():  # the suite ignores this warning (pyproject); here the CLI must print it
+        warnings.filterwarnings("default", "RB-Guidance's detect mask source")
+        assert main([*FAST, "--reference", astronaut_path, "--out", str(out), "--rb-redetect-every", "2"]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())["rb_guidance"]
     assert (meta["mask"], meta["redetect_every"], meta["mask_source"], meta["mask_detections"]) == ("auto", 2,
                                                                                                      "attention", 0)

@@ -16,15 +16,18 @@ SUBCOMMANDS = {
     "train": "train",
     "control": "control",
     "convert": "convert",
+    "web": "web",
 }
 
 
-def build_parser():
+def build_parser(parser_class=None):
+    """The ``omniportrait`` parser; ``parser_class`` (default :class:`OneLineParser`) lets the web app parse the
+    same command lines with refusals raised instead of printed."""
     from omniportrait import __version__
 
     from omniportrait.cli.args import OneLineParser
 
-    parser = OneLineParser(
+    parser = (parser_class or OneLineParser)(
         prog="omniportrait", description="Identity-customized portraits on Stable Diffusion 1.5 and SDXL."
     )
     parser.add_argument("--version", action="version", version=f"omniportrait {__version__}")

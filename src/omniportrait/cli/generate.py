@@ -6,6 +6,7 @@ import argparse
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omniportrait.cli.plugins import (
@@ -94,23 +95,28 @@ def add_parser(subparsers) -> None:
                    help="classifier-free guidance w (paper: 7.5); <= 1 turns it off, as in diffusers")
     p.add_argument("--width", type=number(IMAGE_SIDE), default=None, help="default: the preset's size")
     p.add_argument("--height", type=number(IMAGE_SIDE), default=None, help="default: the preset's size")
+    add_model_arguments(p, preset_note="")
+    p.add_argument("--scheduler", default="ddim", type=choice_of(SCHEDULERS, "scheduler"),
+                   help="ddim (paper), dpmpp-2m, euler, euler-a, pndm, unipc")
+    p.add_argument("--num-images", type=number(NUM_IMAGES), default=1)
+    p.add_argument("--banded-decode", **COST_FLAGS["--banded-decode"])
+    add_guidance_arguments(p)
+    add_plugin_arguments(p)
+    p.set_defaults(run=run)
+
+
+def add_model_arguments(p, preset_note: str) -> None:
+    """The model flags (preset, base, arch, pivot encoder, device, dtype), shared by ``generate`` and ``web``."""
     p.add_argument("--preset", default="sd15", type=choice_of(PRESETS, "preset"),
-                   help=f"one of {', '.join(PRESETS)} (default: sd15)")
+                   help=f"one of {', '.join(PRESETS)} (default: sd15{preset_note})")
     p.add_argument("--base", default=None, type=text("base model"),
                    help="hub id, diffusers folder or .safetensors file (overrides preset)")
     p.add_argument("--arch", choices=("sd15", "sdxl"), default=None, help="architecture of --base if not detected")
     p.add_argument("--pivot-encoder", default=None, type=pivot_encoder_path(),
                    help="folder of a trained PivotIDEncoder (save_pretrained; also one converted by "
                         "'omniportrait convert photomaker'), or a PhotoMaker v1 checkpoint (SDXL), converted on load")
-    p.add_argument("--scheduler", default="ddim", type=choice_of(SCHEDULERS, "scheduler"),
-                   help="ddim (paper), dpmpp-2m, euler, euler-a, pndm, unipc")
     p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", type=dtype_name, help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")
-    p.add_argument("--num-images", type=number(NUM_IMAGES), default=1)
-    p.add_argument("--banded-decode", **COST_FLAGS["--banded-decode"])
-    add_guidance_arguments(p)
-    add_plugin_arguments(p)
-    p.set_defaults(run=run)
 
 
 def add_guidance_arguments(p) -> None:
@@ -443,11 +449,31 @@ def sim_line(item: Identity, sim: float | None, why: str) -> str:
     return f"  SIM to {item.class_word!r} reference: {shown}"
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+@dataclass
+class Job:
+    """One generation's inputs, checked and prepared before the model runs: the identities as asked for
+    (``sources``) and with their faces found (``identities``), the guidance settings and the output paths."""
 
-    from omniportrait.images import save_image_atomic
-    from omniportrait.pipelines.loading import get_preset, load_pipeline
+    paths: list[Path]
+    sources: list[Identity]
+    identities: list[Identity]
+    rb_config: RBGuidanceConfig
+
+
+@dataclass
+class Written:
+    """What one generation wrote: the images with their PNG and sidecar paths, and each image's SIM lines."""
+
+    images: list
+    paths: list[Path]
+    sidecars: list[dict]
+    sims: list[list[tuple[float | None, str]]]
+
+
+def prepare_job(args) -> Job:
+    """Every check and preparation that needs no model (flags together, files, faces, control images), so that
+    bad input fails in a second; fills in the preset's size. Shared by the CLI and the web app."""
+    from omniportrait.pipelines.loading import get_preset
 
     preset = get_preset(args.preset)
     paths = check_before_loading(args)
@@ -457,9 +483,14 @@ def run(args: argparse.Namespace) -> int:
     identities = prepare_identities(sources)
     report_faces(identities, sources)
     make_control_images(args.plugins, args.width, args.height)
-    rb_config = guidance_config(args)
-    pipe = load_pipeline(args.preset, args.base, args.arch, args.pivot_encoder, args.device, args.dtype,
-                         args.scheduler)
+    return Job(paths, sources, identities, guidance_config(args))
+
+
+def draw(args, pipe, job: Job):
+    """Run the (loaded) pipeline for ``job``: plug-ins attached, one seeded generator per image; the output, its
+    pipeline (a ControlNet one when asked for) and the seconds it took. Out of GPU memory is one line."""
+    import torch
+
     warn_cut_prompts(args, pipe)
     pipe.banded_decode = args.banded_decode  # None: the pipeline's default
     pipe = attach_plugins(pipe, args.plugins, pipeline_arch(pipe), is_tiny(args))
@@ -467,31 +498,55 @@ def run(args: argparse.Namespace) -> int:
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     started = time.perf_counter()
     try:
-        output = pipe(args.prompt, identities=identities, negative_prompt=args.negative_prompt, height=args.height,
-                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                      num_images_per_prompt=args.num_images, generator=generators, rb_guidance=rb_config,
-                      **call_arguments(args.plugins))
+        output = pipe(args.prompt, identities=job.identities, negative_prompt=args.negative_prompt,
+                      height=args.height, width=args.width, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images,
+                      generator=generators, rb_guidance=job.rb_config, **call_arguments(args.plugins))
     except torch.cuda.OutOfMemoryError as error:
-        raise OutOfMemoryError(out_of_memory_message(args, rb_config)) from error
+        raise OutOfMemoryError(out_of_memory_message(args, job.rb_config)) from error
     elapsed = time.perf_counter() - started
     record_what_ran(args, output)
+    return output, pipe, elapsed
+
+
+def write_results(args, pipe, job: Job, output, elapsed: float) -> Written:
+    """Each image as its PNG and JSON sidecar (the reproduce line included), written atomically, with SIM."""
+    from omniportrait.images import save_image_atomic
+
     plugins = plugins_record(args.plugins)
     calibration = output.calibration()
-    for index, (image, path, seed) in enumerate(zip(output.images, paths, seeds)):
+    written = Written(list(output.images), [], [], [])
+    for index, (image, path) in enumerate(zip(output.images, job.paths)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        sims = similarities(identities, image)
+        sims = similarities(job.identities, image)
+        record = sidecar(args, pipe, job.identities, job.sources, args.seed + index, index, elapsed, sims, plugins,
+                         calibration)
         save_image_atomic(image, path)
-        write_json_atomic(path.with_suffix(".json"),
-                          sidecar(args, pipe, identities, sources, seed, index, elapsed, sims, plugins, calibration))
+        write_json_atomic(path.with_suffix(".json"), record)
+        written.paths.append(path)
+        written.sidecars.append(record)
+        written.sims.append(sims)
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    from omniportrait.pipelines.loading import load_pipeline
+
+    job = prepare_job(args)
+    pipe = load_pipeline(args.preset, args.base, args.arch, args.pivot_encoder, args.device, args.dtype,
+                         args.scheduler)
+    output, pipe, elapsed = draw(args, pipe, job)
+    written = write_results(args, pipe, job, output, elapsed)
+    for image, path, sims in zip(written.images, written.paths, written.sims):
         print(f"wrote {path} ({image.width}x{image.height}) and {path.with_suffix('.json').name}", file=sys.stderr)
-        for item, (sim, why) in zip(identities, sims):
+        for item, (sim, why) in zip(job.identities, sims):
             print(sim_line(item, sim, why), file=sys.stderr)
     if output.guidance is not None:
-        print(calibration_line(calibration, rb_config.strength), file=sys.stderr)
+        print(calibration_line(output.calibration(), job.rb_config.strength), file=sys.stderr)
     save_control_images(args.plugins)
     if args.save_masks and output.guidance is not None:
         from omniportrait.guidance.visualize import save_guidance_pictures
 
-        written = save_guidance_pictures(output.guidance, output.images, args.save_masks)
-        print(f"wrote {len(written)} guidance pictures to {args.save_masks}", file=sys.stderr)
+        saved = save_guidance_pictures(output.guidance, output.images, args.save_masks)
+        print(f"wrote {len(saved)} guidance pictures to {args.save_masks}", file=sys.stderr)
     return 0
