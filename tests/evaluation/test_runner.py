@@ -61,6 +61,13 @@ def config_for(references, output, steps=1) -> EvalConfig:
     )
 
 
+def attention_mask_only(monkeypatch) -> None:
+    """The attention mask source: the detect source's decode of x̂0 would count among the decodes counted here."""
+    from omniportrait.guidance import mask_source
+
+    monkeypatch.setattr(mask_source, "chosen_source", lambda mask, encoder: ("attention", "attention: asked for"))
+
+
 def test_two_processes_take_disjoint_slices_and_the_main_one_merges(references_dir, tmp_path):
     """As under ``accelerate launch`` with 2 processes: rank 1 does its half, rank 0 its half plus the report."""
     config = config_for(references_dir, tmp_path / "out")
@@ -145,6 +152,7 @@ def test_banded_decode_reaches_the_pipeline_and_keeps_finished_images(monkeypatc
 
     from omniportrait.pipelines import base
 
+    attention_mask_only(monkeypatch)
     banded_calls = []
     decode = base.decode_in_bands
     monkeypatch.setattr(base, "decode_in_bands", lambda *args: banded_calls.append(args[2]) or decode(*args))
@@ -203,6 +211,7 @@ def test_what_ran_after_running_out_of_memory_carries_to_the_later_images(monkey
 
     from omniportrait.guidance.rb import ReferenceGuidance
 
+    attention_mask_only(monkeypatch)
     failed = {"cfg": 0, "decode": 0}
 
     def out_of_memory(kind):

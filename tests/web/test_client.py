@@ -113,3 +113,14 @@ def test_every_event_has_an_api_name(client):
     assert {"/generate", "/check_prompt", "/faces_0", "/faces_1", "/add_person", "/randomise_seed"} <= set(endpoints)
     first_two = [item["component"] for item in endpoints["/generate"]["parameters"][:2]]
     assert first_two == ["File", "Textbox"]
+
+
+def test_the_ip_adapter_pivot_and_the_mask_source_reach_the_run(client):
+    """The IP-Adapter pivot takes the identity's face crop (no image prompt of its own); the mask source asked for
+    is the one that ran."""
+    *_, sidecar = generate(client, ASTRONAUT, "a woman on the beach", pivot="ip-adapter", pivot_scale=0.5,
+                           rb_mask="attention")
+    adapter = sidecar["plugins"]["ip_adapter"]
+    assert adapter["source"] == "tiny" and adapter["scale"] == 0.5 and adapter["image_sha256"] is None
+    assert sidecar["rb_guidance"]["mask"] == "attention" and sidecar["rb_guidance"]["mask_source"] == "attention"
+    assert "--rb-mask" in sidecar["reproduce"]

@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 
 IP_ADAPTER_FACE_SIZE = 224  # the aligned face crop an IP-Adapter takes as its image (CLIP's input size)
 NO_PIVOT_WARNING = (
-    "no pivot encoder loaded: the prompt runs text-only and identity will be weak; "
-    "pass pivot_encoder= (or --pivot-encoder) with trained weights (omniportrait train), or on SDXL PhotoMaker v1: "
-    "--pivot-encoder photomaker-v1.bin, or a folder made by omniportrait convert photomaker (README, Real use)"
+    "no pivot encoder loaded: the prompt runs text-only and identity will be weak; use a public pivot: on SDXL "
+    "PhotoMaker v1 (--pivot-encoder photomaker-v1.bin, or a folder made by omniportrait convert photomaker), on SD1.5 "
+    "or SDXL an IP-Adapter face model (--ip-adapter h94/IP-Adapter/models/ip-adapter-plus-face_sd15.safetensors; "
+    "pipe.load_ip_adapter); or train one (omniportrait train). README, Real use"
 )
 
 

@@ -12,6 +12,23 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+
+def private_upload_folder() -> None:
+    """Gradio's uploads and cache in a folder of this process's own, removed at exit: Gradio deletes its cache when a
+    server stops (``delete_cache``), so two servers sharing the default ``/tmp/gradio`` would delete each other's
+    uploads. A folder the user names with ``GRADIO_TEMP_DIR`` is kept."""
+    if "GRADIO_TEMP_DIR" not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="omniportrait-gradio-")
+        os.environ["GRADIO_TEMP_DIR"] = folder
+        atexit.register(shutil.rmtree, folder, True)
+
+
+private_upload_folder()
+
 import atexit  # noqa: E402
 import itertools  # noqa: E402
 import random  # noqa: E402
@@ -22,6 +39,7 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from omniportrait.errors import OmniPortraitError  # noqa: E402
+from omniportrait.guidance.config import MASK_SOURCES  # noqa: E402
 from omniportrait.pipelines.schedulers import SCHEDULERS  # noqa: E402
 from omniportrait.values import SEED_MAX  # noqa: E402
 from omniportrait.web.generation import (  # noqa: E402
@@ -161,6 +179,9 @@ def input_panel(generator: Generator) -> dict:
             form["rb"] = gr.Checkbox(value=True, label="RB-Guidance")
             form["strength"] = gr.Slider(0, 100, value=8.5, step=0.5, label="RB strength p")
             form["start"] = gr.Slider(0, 1, value=0.6, step=0.05, label="RB start u")
+            form["mask"] = gr.Radio(list(MASK_SOURCES), value="auto", label="RB mask",
+                                    info="attention: eq. 6; detect: the face found in the image; auto: detect "
+                                         "unless the encoder was trained with the localization loss")
         with gr.Row():
             form["pivot"] = gr.Radio(list(PIVOTS), value="encoder", label="Pivot")
             form["pivot_scale"] = gr.Slider(0, 2, value=1.0, step=0.05, label="IP-Adapter scale")
@@ -196,7 +217,7 @@ def generate_inputs(form: dict) -> list:
             second["pick"], form["negative"], form["steps"], form["guidance_scale"], form["seed"],
             form["num_images"], form["width"], form["height"], form["scheduler"], form["rb"], form["strength"],
             form["start"], form["pivot"], form["pivot_scale"], form["control_kind"], form["control_image"],
-            form["control_scale"]]
+            form["control_scale"], form["mask"]]
 
 
 def generation_handler(generator: Generator, sessions: Sessions):
@@ -206,13 +227,13 @@ def generation_handler(generator: Generator, sessions: Sessions):
     def generate(photo, prompt, class_word="", face=None, photo_2=None, class_word_2="", face_2=None,
                  negative_prompt="", steps=50, guidance_scale=7.5, seed=0, num_images=1, width=None, height=None,
                  scheduler="ddim", rb_guidance=True, rb_strength=8.5, rb_start=0.6, pivot="encoder",
-                 pivot_scale=1.0, control="none", control_image=None, control_scale=1.0,
+                 pivot_scale=1.0, control="none", control_image=None, control_scale=1.0, rb_mask="auto",
                  request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         progress(0, desc="checking the inputs")
         identities = [IdentityInput(photo, class_word or "", face), IdentityInput(photo_2, class_word_2 or "", face_2)]
         asked = WebRequest(identities, prompt or "", negative_prompt or "", steps, guidance_scale, seed or 0, width,
                            height, scheduler, num_images, rb_guidance, rb_strength, rb_start, pivot, pivot_scale,
-                           control, control_image, control_scale)
+                           control, control_image, control_scale, rb_mask)
         try:
             result = generator.run(asked, sessions.request_folder(request))
         except OmniPortraitError as err:

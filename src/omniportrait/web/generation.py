@@ -16,8 +16,11 @@ from pathlib import Path
 from omniportrait.cli.args import OneLineParser
 from omniportrait.errors import ClassWordError, ConfigError, OmniPortraitError
 from omniportrait.files import write_json_atomic
+from omniportrait.guidance.config import MASK_SOURCES
 
 PIVOTS = ("encoder", "ip-adapter")
+IP_ADAPTER_PIVOT = {"sd15": "h94/IP-Adapter/models/ip-adapter-plus-face_sd15.safetensors",
+                    "sdxl": "h94/IP-Adapter/sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors"}
 CONTROL_KINDS = ("none", "pose", "canny", "image")
 OUTPUT_NAME = "portrait.png"
 
@@ -82,6 +85,7 @@ class WebRequest:
     control_kind: str = "none"
     control_image: str | None = None
     control_scale: float = 1.0
+    rb_mask: str = "auto"
 
 
 @dataclass
@@ -139,15 +143,15 @@ def identity_flags(identities: list[IdentityInput]) -> list[str]:
     return flags + face_index_flags(identities)
 
 
-def plugin_flags(request: WebRequest, settings: ServerSettings, tiny: bool) -> list[str]:
-    """The pivot and the control as the CLI's plug-in flags: the IP-Adapter pivot takes the first identity photo
-    as its image prompt (``tiny`` on the tiny presets, else ``h94/IP-Adapter``)."""
+def plugin_flags(request: WebRequest, tiny: bool, arch: str) -> list[str]:
+    """The pivot and the control as the CLI's plug-in flags: the IP-Adapter pivot (``tiny`` on the tiny presets, else
+    ``h94/IP-Adapter``'s plus-face model) takes each identity's aligned face crop as its image."""
     flags = []
     if request.pivot not in PIVOTS:
         raise ConfigError(f"unknown pivot {request.pivot!r}; choose one of: {', '.join(PIVOTS)}")
     if request.pivot == "ip-adapter":
-        flags += ["--ip-adapter", "tiny" if tiny else "h94/IP-Adapter", "--ip-adapter-image",
-                  str(request.identities[0].photo), "--ip-adapter-scale", str(request.pivot_scale)]
+        flags += ["--ip-adapter", "tiny" if tiny else IP_ADAPTER_PIVOT[arch], "--ip-adapter-scale",
+                  str(request.pivot_scale)]
     if request.control_kind not in CONTROL_KINDS:
         raise ConfigError(f"unknown control {request.control_kind!r}; choose one of: {', '.join(CONTROL_KINDS)}")
     if request.control_kind != "none":
@@ -157,7 +161,8 @@ def plugin_flags(request: WebRequest, settings: ServerSettings, tiny: bool) -> l
     return flags
 
 
-def command_line(request: WebRequest, settings: ServerSettings, out: Path, tiny: bool) -> list[str]:
+def command_line(request: WebRequest, settings: ServerSettings, out: Path, tiny: bool, arch: str = "sd15"
+                 ) -> list[str]:
     """The ``omniportrait generate`` command line (without the program name) that does what ``request`` asks."""
     present = [item for item in request.identities if item.photo]
     request.identities = present
@@ -173,7 +178,10 @@ def command_line(request: WebRequest, settings: ServerSettings, out: Path, tiny:
             argv += [flag, str(int(value))]
     if not request.rb_enabled:
         argv.append("--no-rb")
-    return argv + plugin_flags(request, settings, tiny) + ["--out", str(out)]
+    if request.rb_mask not in MASK_SOURCES:
+        raise ConfigError(f"unknown mask source {request.rb_mask!r}; choose one of: {', '.join(MASK_SOURCES)}")
+    argv += ["--rb-mask", request.rb_mask]
+    return argv + plugin_flags(request, tiny, arch) + ["--out", str(out)]
 
 
 def parse_command(argv: list[str]):
@@ -246,7 +254,8 @@ class Generator:
         from omniportrait.pipelines.schedulers import make_scheduler
 
         stage_inputs(request, folder / "inputs")
-        args = parse_command(command_line(request, self.settings, folder / OUTPUT_NAME, self.tiny))
+        arch = "sdxl" if hasattr(self.pipe, "text_encoder_2") else "sd15"
+        args = parse_command(command_line(request, self.settings, folder / OUTPUT_NAME, self.tiny, arch))
         job = prepare_job(args)
         self.pipe.scheduler = make_scheduler(args.scheduler, self.scheduler_config)
         try:
