@@ -50,7 +50,9 @@ class Variant:
         return self.guidance is not None and self.guidance.cuda_graph is True
 
 
-EAGER, GRAPHED = RBGuidanceConfig(cuda_graph=False), RBGuidanceConfig(cuda_graph=True)  # "-graph" names the latter
+# the variants fix the attention mask (eq. 6) so that they compare passes, not mask sources; rb-default is the default
+EAGER = RBGuidanceConfig(cuda_graph=False, mask="attention")
+GRAPHED = replace(EAGER, cuda_graph=True)  # "-graph" names these
 SPLIT_GRAPHED = replace(GRAPHED, feature_pass="split")
 VARIANTS: dict[str, Variant] = {  # the defaults' candidates: feature pass, gradient interval, CUDA graphs, bands
     PLAIN: Variant(None),
