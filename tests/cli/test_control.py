@@ -48,7 +48,7 @@ def coffee(tmp_path_factory) -> str:
         (["pose", "{coffee}"], "out.png", "no person found in '{coffee}'"),
         (["pose", "{missing}"], "out.png", "does not exist"),
         (["canny", ASTRONAUT, "--width", "512"], "out.png", "--width and --height go together"),
-        (["canny", ASTRONAUT, "--width", "0", "--height", "512"], "out.png", "control image size"),
+        (["canny", ASTRONAUT, "--width", "0", "--height", "512"], "out.png", "--width must be an integer in [8,"),
         (["canny", ASTRONAUT, "--low-threshold", "300"], "out.png", "0 <= low <= high"),
         (["pose", ASTRONAUT, "--low-threshold", "50"], "out.png", "apply to canny, not pose"),
         (["image", ASTRONAUT], "out.jpg", "must end in .png"),

@@ -16,7 +16,7 @@ import pytest
 from omniportrait.cli import build_parser, main
 from omniportrait.values import SEED_MAX
 
-SUBCOMMANDS = ("generate", "train", "build-dataset", "evaluate", "web")
+SUBCOMMANDS = ("generate", "train", "build-dataset", "evaluate", "web", "control", "convert")
 JUNK = ("", "abc")
 
 
@@ -80,6 +80,8 @@ def base_arguments(command: str, place: Path) -> list[str]:
         "build-dataset": ["build-dataset", "--input", str(place / "d"), "--output", str(place / "out")],
         "evaluate": ["evaluate", "--references", str(place / "d"), "--output", str(place / "out")],
         "web": ["web", "--preset", "tiny-sd15"],
+        "control": ["control", "canny", str(place / "f.png"), "--out", str(place / "out" / "c.png")],
+        "convert": ["convert", "photomaker", str(place / "f.png"), "--out", str(place / "out")],
     }[command]
 
 
@@ -183,3 +185,9 @@ def test_a_path_with_colons_is_read_from_the_right(tmp_path):
     assert parse_identity_flag("a:b.png:woman") == ("a:b.png", "woman", None)
     with pytest.raises(Exception, match="N must be a whole number"):
         parse_identity_flag("A.png:woman:x")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_each_base_command_line_parses(command, place):
+    """The refusals above are the flag's: without it, the command line parses."""
+    assert build_parser().parse_args(base_arguments(command, place)).command == command

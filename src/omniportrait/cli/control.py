@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from omniportrait.cli.args import existing_file, number, output_file
 from omniportrait.control.canny import HIGH_THRESHOLD, LOW_THRESHOLD
 from omniportrait.control.spec import CONTROL_KINDS
 from omniportrait.errors import ConfigError
+from omniportrait.values import IMAGE_SIDE, Range
+
+CANNY_THRESHOLD = Range(0, 1000, note="OpenCV's Canny gradient thresholds")
 
 
 def add_parser(subparsers) -> None:
@@ -18,15 +22,16 @@ def add_parser(subparsers) -> None:
                     "sized). See docs/control.md.",
     )
     p.add_argument("kind", choices=CONTROL_KINDS, help="pose, canny or image")
-    p.add_argument("photo", metavar="PHOTO", help="the photo (pose, canny) or the ready control image (image)")
-    p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--width", type=int, default=None,
+    p.add_argument("photo", metavar="PHOTO", type=existing_file(),
+                   help="the photo (pose, canny) or the ready control image (image)")
+    p.add_argument("--out", required=True, type=output_file(".png"), help="output PNG path")
+    p.add_argument("--width", type=number(IMAGE_SIDE), default=None,
                    help="generation width; with --height, the photo is scaled to cover W×H and centre-cropped "
                         "(default: the photo's size)")
-    p.add_argument("--height", type=int, default=None, help="generation height (with --width)")
-    p.add_argument("--low-threshold", type=float, default=None,
+    p.add_argument("--height", type=number(IMAGE_SIDE), default=None, help="generation height (with --width)")
+    p.add_argument("--low-threshold", type=number(CANNY_THRESHOLD), default=None,
                    help=f"canny: gradient below which there is no edge (default {LOW_THRESHOLD:g})")
-    p.add_argument("--high-threshold", type=float, default=None,
+    p.add_argument("--high-threshold", type=number(CANNY_THRESHOLD), default=None,
                    help=f"canny: gradient above which there is always an edge (default {HIGH_THRESHOLD:g})")
     p.set_defaults(run=run)
 
