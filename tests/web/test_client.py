@@ -124,3 +124,29 @@ def test_the_ip_adapter_pivot_and_the_mask_source_reach_the_run(client):
     assert adapter["source"] == "tiny" and adapter["scale"] == 0.5 and adapter["image_sha256"] is None
     assert sidecar["rb_guidance"]["mask"] == "attention" and sidecar["rb_guidance"]["mask_source"] == "attention"
     assert "--rb-mask" in sidecar["reproduce"]
+
+
+def two_faces(tmp_path) -> Path:
+    """The astronaut photo beside its mirror image: two faces, the left one picked as face 0 or 1."""
+    photo = Image.open(ASTRONAUT).convert("RGB")
+    pair = Image.new("RGB", (photo.width * 2, photo.height))
+    pair.paste(photo, (0, 0))
+    pair.paste(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (photo.width, 0))
+    path = tmp_path / "pair.png"
+    pair.save(path)
+    return path
+
+
+def test_two_identities_a_picked_face_and_a_pose_control_reach_the_run(client, tmp_path):
+    from gradio_client import handle_file
+
+    pair = two_faces(tmp_path)
+    preview, picker, word = client.predict(handle_file(str(pair)), "a woman and a man", "", api_name="/faces_0")
+    assert len(picker["choices"]) == 2 and picker["visible"] and word == "woman"
+    *_, sidecar = generate(client, pair, "a woman and a man on the beach", class_word="woman", face=1,
+                           photo_2=handle_file(str(pair)), class_word_2="man", face_2=1, control="pose",
+                           control_image=handle_file(str(ASTRONAUT)), control_scale=0.7)
+    assert [item["class_word"] for item in sidecar["identities"]] == ["woman", "man"]
+    assert [item["face_index"] for item in sidecar["identities"]] == [1, 1]
+    (control,) = sidecar["plugins"]["controls"]
+    assert control["kind"] == "pose" and control["scale"] == 0.7

@@ -151,7 +151,8 @@ def identity_slot(index: int) -> dict:
         faces = gr.AnnotatedImage(label="Faces found", visible=False, height=260)
         with gr.Row():
             word = gr.Textbox("", label="Class word", placeholder="woman, man, person, …", scale=2)
-            pick = gr.Dropdown(label="Face", choices=[], value=None, visible=False, scale=1)
+            pick = gr.Dropdown(label="Face", choices=[], value=None, visible=False, scale=1,
+                               allow_custom_value=True)  # an API caller picks by number; the CLI checks it
     return dict(group=group, photo=photo, faces=faces, word=word, pick=pick)
 
 
